@@ -6,7 +6,7 @@ which computes the same function at the same rounding points.
 """
 
 from ._loader import build_info, extension_loaded
-from .ops import STRATEGIES, dropout_mask, lora_linear, merge_, merged_weight, unmerge_
+from .ops import STRATEGIES, dropout_mask, lora_linear, merge_, merged_weight, strategy_plan, unmerge_
 
 __version__ = "0.1.0"
 
@@ -18,5 +18,6 @@ __all__ = [
     "lora_linear",
     "merge_",
     "merged_weight",
+    "strategy_plan",
     "unmerge_",
 ]

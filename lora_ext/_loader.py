@@ -14,6 +14,8 @@ import os
 import warnings
 from typing import Any
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 _C: Any = None
 _load_error: str | None = None
 
@@ -53,8 +55,6 @@ def build_info() -> dict[str, Any]:
         against), ``runtime_torch_version`` and ``load_error`` (why the
         fallback is in use, or None).
     """
-    import torch
-
     info: dict[str, Any]
     if _C is not None:
         info = dict(_C.build_info())

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._checks import check_adapter, check_grad_out, check_op_level, check_scale
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -50,6 +52,14 @@ def dropout_threshold(p: float) -> int:
 
 def dropout_mask(seed: Tensor, rows: int, cols: int, p: float) -> Tensor:
     """Keep-mask (bool [rows, cols], True = kept) of the LoRA-branch dropout."""
+    if seed.numel() != 1 or seed.dtype != torch.int64:
+        raise ValueError(
+            f"lora_ext: seed must be a one-element int64 tensor, got shape {list(seed.shape)} and dtype {seed.dtype}"
+        )
+    if rows < 0 or cols < 0:
+        raise ValueError(f"lora_ext: dropout_mask rows and cols must be >= 0, got {rows} x {cols}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"lora_ext: dropout p must be in [0, 1], got {p}")
     device = seed.device
     if rows * cols == 0:
         return torch.ones(rows, cols, dtype=torch.bool, device=device)
@@ -85,6 +95,7 @@ def lora_linear(
     strategy: int,
 ) -> Tensor:
     """y [M, N] = x W^T + bias + scale * (drop(x) A^T) B^T, rounded once."""
+    check_op_level(x, weight, lora_A, lora_B, scale, bias, dropout_p, dropout_seed, strategy)
     del strategy  # one formula; the strategies only differ in the compiled kernels' memory traffic
     acc = acc_dtype(x.dtype)
     x_acc = x.to(acc)
@@ -110,15 +121,17 @@ def lora_linear_backward(
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (x, weight, bias, lora_A, lora_B); unrequested ones are empty [0] tensors."""
+    check_op_level(x, weight, lora_A, lora_B, scale, None, dropout_p, dropout_seed, strategy)
+    check_grad_out(grad_out, x, weight)
     del strategy
     acc = acc_dtype(x.dtype)
     g = grad_out.to(acc)
     x_acc = x.to(acc)
     a_acc, b_acc = lora_A.to(acc), lora_B.to(acc)
     xd, keep, factor = _dropped_input(x_acc, dropout_p, dropout_seed)
-    empty = x.new_empty(0)
     gb = g @ b_acc  # [M, r]
-    grad_x = grad_w = grad_bias = grad_a = grad_b = empty
+    # outputs that were not asked for: distinct empty tensors (outputs must not alias)
+    grad_x, grad_w, grad_bias, grad_a, grad_b = (x.new_empty(0) for _ in range(5))
     if output_mask[0]:
         lora_part = gb @ a_acc
         if keep is not None:
@@ -138,10 +151,14 @@ def lora_linear_backward(
 
 def merged_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
     """W + scale * B A, accumulated in fp32 and rounded once."""
+    check_adapter(weight, lora_A, lora_B)
+    check_scale(scale)
     acc = acc_dtype(weight.dtype)
     return torch.addmm(weight.to(acc), lora_B.to(acc), lora_A.to(acc), alpha=scale).to(weight.dtype)
 
 
 def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> None:
     """In place W += scale * B A (fp32 accumulation, rounded once)."""
+    check_adapter(weight, lora_A, lora_B)
+    check_scale(scale)
     weight.copy_(merged_weight(weight, lora_A, lora_B, scale))

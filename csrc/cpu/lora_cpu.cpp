@@ -185,9 +185,10 @@ GradTuple lora_linear_backward_cpu(const Tensor& grad_out, const Tensor& x, cons
   const bool merge_dx = need_x && branch && use_merge_backward(strategy, M, N, K, x.element_size(), dropout_p);
   const Tensor A = lora_A.to(acc), B = lora_B.to(acc);
 
-  const Tensor empty = at::empty({0}, x.options());
-  Tensor grad_x = need_x ? at::empty({M, K}, x.options()) : empty;
-  Tensor grad_w = empty, grad_bias = empty;
+  // Outputs that were not asked for are distinct empty tensors (outputs must not alias).
+  auto empty = [&] { return at::empty({0}, x.options()); };
+  Tensor grad_x = need_x ? at::empty({M, K}, x.options()) : empty();
+  Tensor grad_w = empty(), grad_bias = empty();
   Tensor grad_a_acc = need_a ? at::zeros({lora_A.size(0), K}, x.options().dtype(acc)) : Tensor();
   Tensor grad_b_acc = need_b ? at::zeros({N, lora_A.size(0)}, x.options().dtype(acc)) : Tensor();
   Tensor grad_bias_acc = need_bias ? at::zeros({N}, x.options().dtype(acc)) : Tensor();
@@ -248,8 +249,8 @@ GradTuple lora_linear_backward_cpu(const Tensor& grad_out, const Tensor& x, cons
     if (lowp && need_w) grad_w_acc.addmm_(g_c.t(), x_c);
   }
 
-  const Tensor grad_a = need_a ? grad_a_acc.mul_(branch_scale).to(lora_A.scalar_type()) : empty;
-  const Tensor grad_b = need_b ? grad_b_acc.mul_(branch_scale).to(lora_B.scalar_type()) : empty;
+  const Tensor grad_a = need_a ? grad_a_acc.mul_(branch_scale).to(lora_A.scalar_type()) : empty();
+  const Tensor grad_b = need_b ? grad_b_acc.mul_(branch_scale).to(lora_B.scalar_type()) : empty();
   if (need_bias) grad_bias = grad_bias_acc.to(x.scalar_type());
   if (need_w && lowp) grad_w = grad_w_acc.to(weight.scalar_type());
   return {grad_x, grad_w, grad_bias, grad_a, grad_b};

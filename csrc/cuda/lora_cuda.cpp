@@ -1,0 +1,469 @@
+// CUDA launchers of the lora_ext ops: validate (../checks.h), guard the
+// device, pick the strategy (../strategy.h, the same cost model as the CPU
+// path), then run cuBLAS GEMMs plus the small kernels of this folder, all on
+// PyTorch's current stream and cuBLAS handle (so CUDA graphs and
+// torch.compile(mode="reduce-overhead") capture them).
+//
+// Shapes (op level): x [M, K], weight [N, K], lora_A [r, K], lora_B [N, r],
+// bias [N], grad_out [M, N]; s = scale, q = 1/(1-p) (0 when p == 1).
+//
+// Forward, shrink/expand (default; the only choice with dropout):
+//   xa  = drop01(x) A^T                     [M, r] fp32, cuBLAS (fp32 output)
+//   y   = [hi|lo](s q xa) [B;B]^T + bias    one GEMM over the inner dim 2r+1 (the
+//                                           bias rides in as a column of ones), beta = 0
+//   y  += x W^T                             cuBLAS, beta = 1
+// The LoRA term and bias are rounded once into y, then y is rounded once more
+// when the base GEMM adds into it. That second rounding is where this path
+// differs from "one rounding per output"; its error is at most one extra
+// half-ulp of |bias + LoRA term|, far inside DESIGN.md §4 (plain PyTorch
+// rounds the base output, the LoRA intermediate, the LoRA output and the sum
+// separately). Adding the small term first and the large base GEMM last keeps
+// the error relative to the small term rather than to |y|.
+//
+// Forward, merge on the fly (no dropout; large M): W_eff = W + s B A from the
+// merge tile kernel (one read of W, one write of W_eff, rounded once to the
+// weight dtype), then y = x W_eff^T + bias through at::addmm_out / at::mm_out:
+// the very GEMM path F.linear takes (cuBLASLt with the bias epilogue), so the
+// ratio to the frozen base layer measures only the merge. W_eff is transient.
+//
+// Backward (W frozen unless grad_weight is asked for), in row chunks of x and
+// g small enough (~16 MiB) that the second GEMM reading a chunk finds it in L2:
+//   xa_c = drop01(x_c) A^T, gb_c = g_c B    fp32 [rows, r]
+//   P   += g_c^T [hi|lo](s q xa_c)          fp32 [N, 2r]  -> grad_B = hi + lo, rounded once
+//   Q   += [hi|lo](s q gb_c)^T drop01(x_c)  fp32 [2r, K]  -> grad_A = hi + lo, rounded once
+//   grad_x_c = mask ⊙ ([hi|lo](s q gb_c) [A;A])   (shrink/expand), then grad_x += g W (beta = 1)
+//   or grad_x = g (W + s B A)                      (merge, transient W_eff, no dropout)
+//   grad_bias = sum_rows g, grad_weight = g^T x.
+// Saved for backward: only x (and the parameters); nothing of size M x r
+// crosses from forward to backward, xa is recomputed.
+//
+// Dropout: drop01(x) = x * keep (exact multiply by 0/1) with keep from the
+// counter-based hash of ../dropout_hash.h, regenerated from the device-side
+// seed in every pass; the 1/(1-p) factor is folded into the fp32 scalar s q.
+#include "lora_cuda.h"
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cublas_v2.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+
+#include "../checks.h"
+#include "../dropout_hash.h"
+#include "../strategy.h"
+#include "cuda_check.h"
+#include "kernels.h"
+
+namespace lora_ext {
+namespace {
+
+using cuda::ConstMatrix;
+using cuda::Matrix;
+
+// Rows of x and g processed together in the backward: both chunks (x_c, g_c)
+// fit in ~16 MiB, well inside the L2 of an A100 (40 MB) or H100/H200 (50 MB),
+// so the second GEMM over a chunk reads it from L2 instead of HBM.
+constexpr int64_t kChunkBytes = int64_t(16) << 20;
+constexpr int64_t kMinChunkRows = 256;
+
+cuda::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return cuda::DType::kFloat32;
+    case at::kHalf:
+      return cuda::DType::kFloat16;
+    case at::kBFloat16:
+      return cuda::DType::kBFloat16;
+    case at::kDouble:
+      return cuda::DType::kFloat64;
+    default:
+      TORCH_CHECK(false, "lora_ext: CUDA kernels support float32, float16, bfloat16 and float64, got ", t);
+  }
+}
+
+cudaDataType_t blas_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return CUDA_R_32F;
+    case at::kHalf:
+      return CUDA_R_16F;
+    case at::kBFloat16:
+      return CUDA_R_16BF;
+    case at::kDouble:
+      return CUDA_R_64F;
+    default:
+      TORCH_CHECK(false, "lora_ext: no cuBLAS type for ", t);
+  }
+}
+
+// fp64 inputs accumulate in fp64, everything else in fp32.
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Number of hi/lo parts an fp32 intermediate is split into to enter a GEMM in
+// dtype t without losing precision (see lowrank.cu).
+int num_splits(at::ScalarType t) { return (t == at::kHalf || t == at::kBFloat16) ? 2 : 1; }
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+double dropout_factor(double p) { return p >= 1.0 ? 0.0 : 1.0 / (1.0 - p); }
+
+ConstMatrix cmat(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
+Matrix mmat(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
+
+int blas_int(int64_t v, const char* what) {
+  TORCH_CHECK(v >= 0 && v <= INT_MAX, "lora_ext: ", what, " = ", v,
+              " exceeds the 32-bit range of the cuBLAS API used by the CUDA kernels");
+  return static_cast<int>(v);
+}
+
+// A logical [rows, cols] matrix as cuBLAS sees it: element (i, j) at
+// ptr[i*ld + j] (row-major) or ptr[j*ld + i] (trans, i.e. column-major).
+// Any view with one unit stride (offset views, row slices, transposes) is used
+// in place; anything else is copied once (`hold` keeps the copy alive).
+struct Operand {
+  const void* ptr;
+  int64_t ld;
+  bool trans;
+  at::ScalarType dtype;
+  at::Tensor hold;
+
+  Operand t() const { return {ptr, ld, !trans, dtype, hold}; }
+};
+
+bool row_major_ok(const at::Tensor& t) {
+  const int64_t R = t.size(0), C = t.size(1);
+  return (t.stride(1) == 1 || C <= 1) && (R <= 1 || t.stride(0) >= std::max<int64_t>(C, 1));
+}
+
+bool col_major_ok(const at::Tensor& t) {
+  const int64_t R = t.size(0), C = t.size(1);
+  return (t.stride(0) == 1 || R <= 1) && (C <= 1 || t.stride(1) >= std::max<int64_t>(R, 1));
+}
+
+// t itself when cuBLAS can read it in place, else a contiguous copy (for
+// example an expanded, stride-0 grad_out). Done once per op, before chunking.
+at::Tensor blas_friendly(const at::Tensor& t) {
+  return (row_major_ok(t) || col_major_ok(t)) ? t : t.contiguous();
+}
+
+Operand operand(const at::Tensor& t_in) {
+  TORCH_INTERNAL_ASSERT(t_in.dim() == 2);
+  const at::Tensor t = blas_friendly(t_in);
+  const int64_t R = t.size(0), C = t.size(1);
+  if (row_major_ok(t)) {
+    return {t.data_ptr(), R <= 1 ? std::max<int64_t>(C, 1) : t.stride(0), false, t.scalar_type(), t};
+  }
+  return {t.data_ptr(), C <= 1 ? std::max<int64_t>(R, 1) : t.stride(1), true, t.scalar_type(), t};
+}
+
+// C[m, n] (row-major, leading dimension ldc, type c_type) = alpha * A[m, k] B[k, n] + beta * C,
+// accumulated in fp32 (fp64 for double inputs) on the current stream.
+// cuBLAS is column-major, so this computes C^T = B^T A^T.
+void gemm(int64_t m, int64_t n, int64_t k, double alpha, const Operand& a, const Operand& b, double beta, void* c,
+          at::ScalarType c_type, int64_t ldc, cudaStream_t stream) {
+  TORCH_INTERNAL_ASSERT(a.dtype == b.dtype, "lora_ext: gemm operands of different dtypes");
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // empty inner dimension: C = beta * C
+    TORCH_INTERNAL_ASSERT(beta == 0.0 || beta == 1.0);
+    if (beta == 0.0) {
+      const size_t elem = c10::elementSize(c_type);
+      LORA_CUDA_CHECK(cudaMemset2DAsync(c, static_cast<size_t>(ldc) * elem, 0, static_cast<size_t>(n) * elem,
+                                        static_cast<size_t>(m), stream));
+    }
+    return;
+  }
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  LORA_CUBLAS_CHECK(cublasSetStream(handle, stream));
+  const cublasOperation_t op_b = b.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_a = a.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const int im = blas_int(m, "rows"), in = blas_int(n, "columns"), ik = blas_int(k, "inner dimension");
+  const int lda = blas_int(a.ld, "leading dimension"), ldb = blas_int(b.ld, "leading dimension");
+  const int ldc_i = blas_int(ldc, "leading dimension");
+  if (a.dtype == at::kDouble) {
+    TORCH_INTERNAL_ASSERT(c_type == at::kDouble);
+    const double al = alpha, be = beta;
+    LORA_CUBLAS_CHECK(cublasGemmEx(handle, op_b, op_a, in, im, ik, &al, b.ptr, CUDA_R_64F, ldb, a.ptr, CUDA_R_64F,
+                                   lda, &be, c, CUDA_R_64F, ldc_i, CUBLAS_COMPUTE_64F, CUBLAS_GEMM_DEFAULT));
+  } else {
+    // CUBLAS_COMPUTE_32F honours the handle's math mode, so fp32 GEMMs use TF32
+    // exactly when torch.backends.cuda.matmul.allow_tf32 says so, like F.linear.
+    const float al = static_cast<float>(alpha), be = static_cast<float>(beta);
+    LORA_CUBLAS_CHECK(cublasGemmEx(handle, op_b, op_a, in, im, ik, &al, b.ptr, blas_dtype(b.dtype), ldb, a.ptr,
+                                   blas_dtype(a.dtype), lda, &be, c, blas_dtype(c_type), ldc_i, CUBLAS_COMPUTE_32F,
+                                   CUBLAS_GEMM_DEFAULT));
+  }
+}
+
+void gemm_into(int64_t m, int64_t n, int64_t k, const Operand& a, const Operand& b, double beta, at::Tensor& c,
+               cudaStream_t stream) {
+  TORCH_INTERNAL_ASSERT(c.dim() == 2 && c.size(0) == m && c.size(1) == n && (c.stride(1) == 1 || n <= 1));
+  gemm(m, n, k, 1.0, a, b, beta, c.data_ptr(), c.scalar_type(), std::max<int64_t>(c.stride(0), std::max<int64_t>(n, 1)),
+       stream);
+}
+
+// [hi|lo](scale * v) (or scale * v for fp32/fp64), plus a ones column, into
+// `out` ([rows, cols >= nsplit*r + ones], row stride out.stride(0)).
+void split_pack(const at::Tensor& v, double scale, bool ones_column, at::Tensor& out, cudaStream_t stream) {
+  TORCH_INTERNAL_ASSERT(v.stride(1) == 1 && out.stride(1) == 1);
+  LORA_CUDA_CHECK(cuda::launch_split_pack(kernel_dtype(out.scalar_type()), v.data_ptr(), v.stride(0), v.size(0),
+                                          v.size(1), scale, num_splits(out.scalar_type()), ones_column,
+                                          out.data_ptr(), out.stride(0), out.size(1), stream));
+}
+
+void apply_dropout(const at::Tensor& in, at::Tensor& out, int64_t row_offset, int64_t index_cols,
+                   const at::Tensor& seed, uint64_t threshold, cudaStream_t stream) {
+  LORA_CUDA_CHECK(cuda::launch_apply_dropout(kernel_dtype(in.scalar_type()), cmat(in), mmat(out), in.size(0),
+                                             in.size(1), row_offset, index_cols, seed.data_ptr<int64_t>(),
+                                             threshold, stream));
+}
+
+void run_merge(const at::Tensor& in, at::Tensor& out, const at::Tensor& lora_A, const at::Tensor& lora_B,
+               double scale, cudaStream_t stream) {
+  LORA_CUDA_CHECK(cuda::launch_merge_lowrank(kernel_dtype(in.scalar_type()), cmat(in), mmat(out), cmat(lora_A),
+                                             cmat(lora_B), in.size(0), in.size(1), lora_A.size(0), scale, stream));
+}
+
+at::Tensor merged_impl(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                       cudaStream_t stream) {
+  at::Tensor out = at::empty_like(weight);  // same layout as the fake kernel (torch.empty_like)
+  if (out.numel() > 0) run_merge(weight, out, lora_A, lora_B, scale, stream);
+  return out;
+}
+
+// The [N, cols] right-hand operand [B | B | bias | 0...] of the forward expand GEMM.
+at::Tensor stacked_lora_B(const at::Tensor& lora_B, const std::optional<at::Tensor>& bias, int nsplit,
+                          int64_t cols) {
+  const int64_t r = lora_B.size(1);
+  at::Tensor out = at::zeros({lora_B.size(0), cols}, lora_B.options());
+  for (int t = 0; t < nsplit; ++t) out.narrow(1, t * r, r).copy_(lora_B);
+  if (bias.has_value() && bias->defined()) out.select(1, nsplit * r).copy_(*bias);
+  return out;
+}
+
+int64_t chunk_rows(int64_t M, int64_t row_bytes) {
+  const int64_t rows = std::max(kMinChunkRows, kChunkBytes / std::max<int64_t>(row_bytes, 1));
+  return std::min(rows, M);
+}
+
+}  // namespace
+
+at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
+                            const std::optional<at::Tensor>& dropout_seed, int64_t strategy) {
+  check_lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+  TORCH_CHECK(x.is_cuda(), "lora_ext: the CUDA lora_linear got x on ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const auto dtype = x.scalar_type();
+
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) {  // x W^T and the LoRA term are empty sums
+    if (has_bias) {
+      y.copy_(bias->unsqueeze(0).expand({M, N}));
+    } else {
+      y.zero_();
+    }
+    return y;
+  }
+
+  if (use_merge_forward(strategy, M, N, K, x.element_size(), dropout_p)) {
+    const at::Tensor w_eff = merged_impl(weight, lora_A, lora_B, scale, stream);
+    if (has_bias) {
+      at::addmm_out(y, *bias, x, w_eff.t());
+    } else {
+      at::mm_out(y, x, w_eff.t());
+    }
+    return y;
+  }
+
+  const bool dropout = dropout_p > 0.0;
+  const at::Tensor xb = blas_friendly(x);
+  const Operand a_t = operand(lora_A).t();  // A^T [K, r]
+  at::Tensor xa = at::empty({M, r}, x.options().dtype(acc_dtype(dtype)));
+  if (!dropout) {
+    gemm_into(M, r, K, operand(xb), a_t, 0.0, xa, stream);
+  } else {
+    // drop01(x) materialised one L2-sized row chunk at a time, never as [M, K].
+    const at::Tensor& seed = *dropout_seed;
+    const uint64_t threshold = dropout_threshold(dropout_p);
+    const int64_t rows = chunk_rows(M, K * x.element_size());
+    at::Tensor xbuf = at::empty({rows, K}, x.options());
+    for (int64_t m0 = 0; m0 < M; m0 += rows) {
+      const int64_t rc = std::min(rows, M - m0);
+      at::Tensor xd = xbuf.narrow(0, 0, rc);
+      apply_dropout(xb.narrow(0, m0, rc), xd, m0, K, seed, threshold, stream);
+      at::Tensor xa_c = xa.narrow(0, m0, rc);
+      gemm_into(rc, r, K, operand(xd), a_t, 0.0, xa_c, stream);
+    }
+  }
+
+  // y = bias + s q xa B^T, rounded once, then y += x W^T.
+  const int nsplit = num_splits(dtype);
+  const int64_t inner = nsplit * r + (has_bias ? 1 : 0);
+  const int64_t cols = round_up(inner, 8);  // 16-byte aligned rows for the tensor-core kernels
+  at::Tensor lhs = at::empty({M, cols}, x.options());
+  split_pack(xa, scale * dropout_factor(dropout_p), has_bias, lhs, stream);
+  const at::Tensor rhs = stacked_lora_B(lora_B, bias, nsplit, cols);  // [N, cols]
+  gemm_into(M, N, inner, operand(lhs.narrow(1, 0, inner)), operand(rhs.narrow(1, 0, inner)).t(), 0.0, y, stream);
+  gemm_into(M, N, K, operand(xb), operand(weight).t(), 1.0, y, stream);
+  return y;
+}
+
+GradTuple lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                    const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                                    double dropout_p, const std::optional<at::Tensor>& dropout_seed,
+                                    int64_t strategy, std::array<bool, 5> output_mask) {
+  check_lora_linear(x, weight, std::nullopt, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+  check_grad_out(grad_out, x, weight);
+  TORCH_CHECK(x.is_cuda(), "lora_ext: the CUDA lora_linear_backward got x on ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  const auto dtype = x.scalar_type();
+  const auto acc_opts = x.options().dtype(acc_dtype(dtype));
+  const bool dropout = dropout_p > 0.0;
+  const double lora_scale = scale * dropout_factor(dropout_p);
+  const int nsplit = num_splits(dtype);
+  const int64_t split_cols = nsplit * r;
+
+  const at::Tensor empty = at::empty({0}, x.options());
+  at::Tensor grad_x = output_mask[0] ? at::empty({M, K}, x.options()) : empty;
+  at::Tensor grad_w = output_mask[1] ? at::empty({N, K}, weight.options()) : empty;
+  at::Tensor grad_bias = empty;
+  at::Tensor grad_A = output_mask[3] ? at::empty({r, K}, lora_A.options()) : empty;
+  at::Tensor grad_B = output_mask[4] ? at::empty({N, r}, lora_B.options()) : empty;
+
+  const at::Tensor g = blas_friendly(grad_out);
+  const at::Tensor xb = blas_friendly(x);
+
+  if (output_mask[2]) grad_bias = g.sum(0);  // fp32 accumulation inside ATen, one rounding
+  if (output_mask[1]) gemm_into(N, K, M, operand(g).t(), operand(xb), 0.0, grad_w, stream);
+
+  const bool merge = use_merge_backward(strategy, M, N, K, x.element_size(), dropout_p);
+  const bool lora_grad_x = output_mask[0] && !merge;
+  const bool need_gb = lora_grad_x || output_mask[3];
+  const bool need_xa = output_mask[4];
+
+  at::Tensor P = need_xa ? at::zeros({N, split_cols}, acc_opts) : at::Tensor();  // g^T [hi|lo](s q xa)
+  at::Tensor Q = output_mask[3] ? at::zeros({split_cols, K}, acc_opts) : at::Tensor();  // [hi|lo](s q gb)^T x~
+  bool grad_x_started = false;  // whether grad_x holds the LoRA term already
+
+  if (M > 0 && K > 0 && (need_gb || need_xa)) {
+    const int64_t rows = chunk_rows(M, (K + N) * x.element_size());
+    const int64_t cols = round_up(split_cols, 8);
+    const bool mask_x = dropout && (need_xa || output_mask[3]);
+    const uint64_t threshold = dropout ? dropout_threshold(dropout_p) : 0;
+    at::Tensor xbuf = mask_x ? at::empty({rows, K}, x.options()) : at::Tensor();
+    at::Tensor xa_c = need_xa ? at::empty({rows, r}, acc_opts) : at::Tensor();
+    at::Tensor gb_c = need_gb ? at::empty({rows, r}, acc_opts) : at::Tensor();
+    at::Tensor lx = need_xa ? at::empty({rows, cols}, x.options()) : at::Tensor();
+    at::Tensor lg = need_gb ? at::empty({rows, cols}, x.options()) : at::Tensor();
+    const at::Tensor lora_AA = lora_grad_x ? (nsplit == 1 ? lora_A : at::cat({lora_A, lora_A}, 0)) : at::Tensor();
+    const Operand a_t = operand(lora_A).t();  // A^T [K, r]
+    const Operand b_op = operand(lora_B);     // B [N, r]
+
+    for (int64_t m0 = 0; m0 < M; m0 += rows) {
+      const int64_t rc = std::min(rows, M - m0);
+      at::Tensor x_c = xb.narrow(0, m0, rc);
+      if (mask_x) {
+        at::Tensor xd = xbuf.narrow(0, 0, rc);
+        apply_dropout(x_c, xd, m0, K, *dropout_seed, threshold, stream);
+        x_c = xd;
+      }
+      const Operand x_op = operand(x_c);
+      const Operand g_op = operand(g.narrow(0, m0, rc));
+      if (need_xa) {
+        at::Tensor xa = xa_c.narrow(0, 0, rc);
+        gemm_into(rc, r, K, x_op, a_t, 0.0, xa, stream);
+        at::Tensor l = lx.narrow(0, 0, rc);
+        split_pack(xa, lora_scale, false, l, stream);
+        gemm_into(N, split_cols, rc, g_op.t(), operand(l.narrow(1, 0, split_cols)), 1.0, P, stream);
+      }
+      if (need_gb) {
+        at::Tensor gb = gb_c.narrow(0, 0, rc);
+        gemm_into(rc, r, N, g_op, b_op, 0.0, gb, stream);
+        at::Tensor l = lg.narrow(0, 0, rc);
+        split_pack(gb, lora_scale, false, l, stream);
+        const Operand lg_op = operand(l.narrow(1, 0, split_cols));
+        if (output_mask[3]) gemm_into(split_cols, K, rc, lg_op.t(), x_op, 1.0, Q, stream);
+        if (lora_grad_x) {
+          at::Tensor gx_c = grad_x.narrow(0, m0, rc);
+          gemm_into(rc, K, split_cols, lg_op, operand(lora_AA), 0.0, gx_c, stream);
+          if (dropout) apply_dropout(gx_c, gx_c, m0, K, *dropout_seed, threshold, stream);
+        }
+      }
+    }
+    grad_x_started = lora_grad_x;
+  }
+
+  if (output_mask[0]) {
+    if (merge) {
+      const at::Tensor w_eff = merged_impl(weight, lora_A, lora_B, scale, stream);
+      gemm_into(M, K, N, operand(g), operand(w_eff), 0.0, grad_x, stream);
+    } else {
+      gemm_into(M, K, N, operand(g), operand(weight), grad_x_started ? 1.0 : 0.0, grad_x, stream);
+    }
+  }
+  if (output_mask[3] && grad_A.numel() > 0) {
+    LORA_CUDA_CHECK(cuda::launch_combine_splits(kernel_dtype(dtype), Q.data_ptr(), K, 1, r * K, nsplit, r, K, 1.0,
+                                                grad_A.data_ptr(), stream));
+  }
+  if (output_mask[4] && grad_B.numel() > 0) {
+    LORA_CUDA_CHECK(cuda::launch_combine_splits(kernel_dtype(dtype), P.data_ptr(), split_cols, 1, r, nsplit, N, r,
+                                                1.0, grad_B.data_ptr(), stream));
+  }
+  return {grad_x, grad_w, grad_bias, grad_A, grad_B};
+}
+
+void merge_cuda(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  check_adapter(weight, lora_A, lora_B);
+  check_scale(scale);
+  TORCH_CHECK(weight.is_cuda(), "lora_ext: the CUDA merge_ got weight on ", weight.device());
+  TORCH_CHECK(at::has_internal_overlap(weight) != at::MemOverlap::Yes,
+              "lora_ext: merge_ cannot update weight in place: its elements overlap in memory (an expanded view?), "
+              "shape ", shape_str(weight), ", strides ", weight.strides());
+  at::assert_no_overlap(weight, lora_A);
+  at::assert_no_overlap(weight, lora_B);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  if (weight.numel() == 0) return;
+  run_merge(weight, weight, lora_A, lora_B, scale, at::cuda::getCurrentCUDAStream());
+}
+
+at::Tensor merged_weight_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                              double scale) {
+  check_adapter(weight, lora_A, lora_B);
+  check_scale(scale);
+  TORCH_CHECK(weight.is_cuda(), "lora_ext: the CUDA merged_weight got weight on ", weight.device());
+  const c10::cuda::CUDAGuard guard(weight.device());
+  return merged_impl(weight, lora_A, lora_B, scale, at::cuda::getCurrentCUDAStream());
+}
+
+at::Tensor dropout_mask_cuda(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong,
+              "lora_ext: seed must be a one-element int64 tensor, got shape ", shape_str(seed), " and dtype ",
+              seed.scalar_type());
+  TORCH_CHECK(rows >= 0 && cols >= 0, "lora_ext: dropout_mask rows and cols must be >= 0, got ", rows, " x ", cols);
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, "lora_ext: dropout p must be in [0, 1], got ", p);
+  const c10::cuda::CUDAGuard guard(seed.device());
+  at::Tensor out = at::empty({rows, cols}, seed.options().dtype(at::kBool));
+  if (out.numel() == 0) return out;
+  LORA_CUDA_CHECK(cuda::launch_dropout_mask(seed.data_ptr<int64_t>(), out.data_ptr<bool>(), out.numel(),
+                                            dropout_threshold(p), at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
+  m.impl("lora_linear", &lora_linear_cuda);
+  m.impl("lora_linear_backward", &lora_linear_backward_cuda);
+  m.impl("merge_", &merge_cuda);
+  m.impl("merged_weight", &merged_weight_cuda);
+  m.impl("dropout_mask", &dropout_mask_cuda);
+}
+
+}  // namespace lora_ext

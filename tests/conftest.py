@@ -1,0 +1,75 @@
+"""Shared helpers: float64 references and the tolerance rule of DESIGN.md §4.
+
+The rule: an implementation's max error against the float64 reference is at
+most twice the error of plain PyTorch in the same dtype (the unfused formula
+PEFT uses), plus a tiny atol.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import lora_ext
+
+ATOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+
+
+def pytest_report_header(config):
+    info = lora_ext.build_info()
+    return f"lora_ext: extension_loaded={info['extension_loaded']} cuda={info['cuda']} load_error={info['load_error']}"
+
+
+def torch_lora(x, weight, lora_A, lora_B, scale, bias=None, keep=None, p=0.0):
+    """The plain unfused formula (PEFT style), in the inputs' dtype; keep is the dropout keep-mask."""
+    xd = x
+    if keep is not None:
+        xd = x * keep.view_as(x).to(x.dtype) / (1.0 - p)
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y + ((xd @ lora_A.t()) @ lora_B.t()) * scale
+
+
+def make_inputs(m, k, n, r, dtype, device="cpu", bias=True, seed=0, batch=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = (*batch, m, k) if batch else (m, k)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k**0.5
+    a = torch.randn(r, k, generator=g, dtype=torch.float64) / k**0.5
+    b = torch.randn(n, r, generator=g, dtype=torch.float64) / r**0.5
+    bb = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
+    out = [t.to(dtype=dtype, device=device) if t is not None else None for t in (x, w, a, b, bb)]
+    return out
+
+
+def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if out.numel() == 0:
+        return 0.0
+    return (out.double().cpu() - ref.double().cpu()).abs().max().item()
+
+
+def assert_rule(name: str, out: torch.Tensor, ref64: torch.Tensor, torch_out: torch.Tensor, dtype) -> None:
+    """Error of `out` vs the float64 reference ≤ 2 × error of plain PyTorch + atol."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert out.dtype == torch_out.dtype, f"{name}: dtype {out.dtype} != {torch_out.dtype}"
+    assert torch.isfinite(out).all() or not torch.isfinite(ref64).all(), f"{name}: non-finite values in output"
+    err = max_err(out, ref64)
+    base = max_err(torch_out, ref64)
+    bound = 2 * base + ATOL[dtype] * max(1.0, ref64.abs().max().item())
+    assert err <= bound, f"{name}: max error {err:.3e} > 2 x PyTorch's {base:.3e} + atol (bound {bound:.3e})"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+requires_extension = pytest.mark.skipif(
+    not lora_ext.extension_loaded(), reason="compiled extension not loaded (fallback mode)"
+)
+
+IN_FALLBACK_MODE = os.environ.get("LORA_EXT_DISABLE_EXTENSION", "") not in ("", "0")
