@@ -85,10 +85,12 @@ struct Dropout {
   bool on() const { return p > 0.0; }
   bool branch_zero() const { return p >= 1.0; }
 
-  // drop(x_c) without the 1/(1-p) factor, as a fresh contiguous tensor in acc dtype.
+  // drop(x_c) without the 1/(1-p) factor, in acc dtype. Without dropout this is x_c
+  // itself (no copy); with it, a fresh contiguous copy whose dropped elements are zero.
   Tensor apply(const Tensor& x_chunk, at::ScalarType acc, int64_t row0) const {
+    if (!on()) return x_chunk.to(acc);
     Tensor out = x_chunk.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
-    if (on()) zero_dropped(out, row0, seed, threshold);
+    zero_dropped(out, row0, seed, threshold);
     return out;
   }
 };
