@@ -18,6 +18,9 @@
 // Numerics: products accumulate in fp32 (fp64 for float64 inputs), the
 // low-rank intermediates stay in the accumulation dtype, and every output is
 // rounded to its dtype once.
+// Every backend must register a kernel with the same C++ signature for an op
+// (merge_ takes `at::Tensor weight` by value on CPU and CUDA alike): the
+// dispatcher aborts the process at library load when two signatures differ.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -89,8 +89,10 @@ def dropout_mask(seed: Tensor, rows: int, cols: int, p: float) -> Tensor:
     return torch.ops.lora_ext.dropout_mask(seed, int(rows), int(cols), float(p))
 
 
-def strategy_plan(m: int, n: int, k: int, dtype: torch.dtype, dropout_p: float = 0.0, strategy: str = "auto") -> dict:
-    """Which strategy the compiled kernels pick for ``x [m, k]`` and ``weight [n, k]``.
+def strategy_plan(
+    m: int, n: int, k: int, dtype: torch.dtype, dropout_p: float = 0.0, strategy: str = "auto", device: str = "cpu"
+) -> dict:
+    """Which strategy the compiled kernels of ``device`` pick for ``x [m, k]`` and ``weight [n, k]``.
 
     Returns ``{"forward": "merge" | "shrink_expand", "backward": ...}`` from the
     cost model in csrc/strategy.h, or ``{"forward": "reference", "backward":
@@ -104,4 +106,5 @@ def strategy_plan(m: int, n: int, k: int, dtype: torch.dtype, dropout_p: float =
     if not _loader.extension_loaded():
         return {"forward": "reference", "backward": "reference"}
     elem = torch.empty((), dtype=dtype).element_size()
-    return dict(_loader._C.strategy_plan(m, n, k, elem, float(dropout_p), STRATEGIES[strategy]))
+    weff = elem if torch.device(device).type == "cuda" else 4  # CUDA keeps W_eff in the weight dtype
+    return dict(_loader._C.strategy_plan(m, n, k, elem, float(dropout_p), STRATEGIES[strategy], weff))

@@ -191,3 +191,6 @@ def test_strategy_plan_follows_cost_model():
     assert small == {"forward": "shrink_expand", "backward": "shrink_expand"}
     assert lora_ext.strategy_plan(8192, 1024, 1024, torch.float32, dropout_p=0.1)["forward"] == "shrink_expand"
     assert lora_ext.strategy_plan(16, 1024, 1024, torch.float32, strategy="merge")["forward"] == "merge"
+    # CUDA keeps W_eff in bf16, so at the GPU goal shape merging costs half of the extra passes
+    assert lora_ext.strategy_plan(8192, 4096, 4096, torch.bfloat16, device="cuda")["forward"] == "merge"
+    assert lora_ext.strategy_plan(8192, 4096, 4096, torch.bfloat16, device="cpu")["forward"] == "shrink_expand"

@@ -12,13 +12,10 @@
 //   y   = [hi|lo](s q xa) [B;B]^T + bias    one GEMM over the inner dim 2r+1 (the
 //                                           bias rides in as a column of ones), beta = 0
 //   y  += x W^T                             cuBLAS, beta = 1
-// The LoRA term and bias are rounded once into y, then y is rounded once more
-// when the base GEMM adds into it. That second rounding is where this path
-// differs from "one rounding per output"; its error is at most one extra
-// half-ulp of |bias + LoRA term|, far inside DESIGN.md §4 (plain PyTorch
-// rounds the base output, the LoRA intermediate, the LoRA output and the sum
-// separately). Adding the small term first and the large base GEMM last keeps
-// the error relative to the small term rather than to |y|.
+// Both GEMMs accumulate into an fp32 scratch rounded once into y when y is
+// small, else into y itself (one extra rounding; see accumulation_target).
+// Adding the LoRA term first and the large base GEMM last keeps that extra
+// rounding relative to |bias + LoRA term| rather than to |y|.
 //
 // Forward, merge on the fly (no dropout; large M): W_eff = W + s B A from the
 // merge tile kernel (one read of W, one write of W_eff, rounded once to the
@@ -31,8 +28,11 @@
 //   xa_c = drop01(x_c) A^T, gb_c = g_c B    fp32 [rows, r]
 //   P   += g_c^T [hi|lo](s q xa_c)          fp32 [N, 2r]  -> grad_B = hi + lo, rounded once
 //   Q   += [hi|lo](s q gb_c)^T drop01(x_c)  fp32 [2r, K]  -> grad_A = hi + lo, rounded once
-//   grad_x_c = mask ⊙ ([hi|lo](s q gb_c) [A;A])   (shrink/expand), then grad_x += g W (beta = 1)
+//   grad_x_c = mask ⊙ ([hi|lo](s q gb_c) [A;A])   (shrink/expand), then grad_x += g W (beta = 1),
+//                                                  accumulated like y (see accumulation_target)
 //   or grad_x = g (W + s B A)                      (merge, transient W_eff, no dropout)
+// The merge strategy rounds W_eff to the weight dtype before its GEMM (as a
+// merged PEFT layer does); the cost model picks it only for large M.
 //   grad_bias = sum_rows g, grad_weight = g^T x.
 // Saved for backward: only x (and the parameters); nothing of size M x r
 // crosses from forward to backward, xa is recomputed.
@@ -50,6 +50,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 
 #include "../checks.h"
 #include "../dropout_hash.h"
@@ -175,8 +176,13 @@ void gemm(int64_t m, int64_t n, int64_t k, double alpha, const Operand& a, const
     }
     return;
   }
+  // PyTorch's handle comes bound to the current stream (the `stream` passed here)
+  // and to PyTorch's own cuBLAS workspace. Do not call cublasSetStream again: it
+  // resets the workspace to cuBLAS's default pool (cuBLAS docs), which breaks
+  // CUDA-graph capture and PyTorch's workspace accounting.
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
-  LORA_CUBLAS_CHECK(cublasSetStream(handle, stream));
+  TORCH_INTERNAL_ASSERT(stream == at::cuda::getCurrentCUDAStream().stream(),
+                        "lora_ext: cuBLAS calls must run on the current stream");
   const cublasOperation_t op_b = b.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_a = a.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
   const int im = blas_int(m, "rows"), in = blas_int(n, "columns"), ik = blas_int(k, "inner dimension");
@@ -243,9 +249,36 @@ at::Tensor stacked_lora_B(const at::Tensor& lora_B, const std::optional<at::Tens
   return out;
 }
 
+// Where the two GEMMs of an output (LoRA term with beta = 0, base with beta = 1)
+// accumulate. fp32/fp64 outputs: the output itself (no rounding in between).
+// fp16/bf16 outputs whose fp32 copy fits in kChunkBytes (decode and other small
+// problems): an fp32 scratch, rounded into the output once at the end, which
+// matches the CPU path's single rounding and costs nothing at that size.
+// Larger fp16/bf16 outputs: the output itself. cuBLAS then rounds the LoRA term
+// (plus bias) once into the output and the sum once more when the base GEMM adds
+// into it: an extra half-ulp of |LoRA term + bias| at worst, within DESIGN.md §4
+// (plain PyTorch rounds base, intermediate, LoRA output and sum separately),
+// in exchange for never moving an M x N fp32 scratch through HBM.
+at::Tensor accumulation_target(const at::Tensor& out) {
+  const auto t = out.scalar_type();
+  if ((t == at::kHalf || t == at::kBFloat16) && out.numel() * 4 <= kChunkBytes) {
+    return at::empty(out.sizes(), out.options().dtype(at::kFloat));
+  }
+  return out;
+}
+
+// Rows per chunk of the row-chunked passes. LORA_EXT_CUDA_CHUNK_ROWS (a
+// positive integer) overrides the L2-sized default: a tuning and testing knob
+// (bench_gpu.py sweeps it; tests/test_cuda.py forces many small chunks), read
+// on every call so it can be changed between calls.
 int64_t chunk_rows(int64_t M, int64_t row_bytes) {
-  const int64_t rows = std::max(kMinChunkRows, kChunkBytes / std::max<int64_t>(row_bytes, 1));
-  return std::min(rows, M);
+  int64_t rows = std::max(kMinChunkRows, kChunkBytes / std::max<int64_t>(row_bytes, 1));
+  if (const char* env = std::getenv("LORA_EXT_CUDA_CHUNK_ROWS")) {
+    const long long forced = std::atoll(env);
+    TORCH_CHECK(forced > 0, "lora_ext: LORA_EXT_CUDA_CHUNK_ROWS must be a positive integer, got '", env, "'");
+    rows = forced;
+  }
+  return std::max<int64_t>(1, std::min(rows, M));
 }
 
 }  // namespace
@@ -272,7 +305,7 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
     return y;
   }
 
-  if (use_merge_forward(strategy, M, N, K, x.element_size(), dropout_p)) {
+  if (use_merge_forward(strategy, M, N, K, x.element_size(), dropout_p, /*weff_size=*/x.element_size())) {
     const at::Tensor w_eff = merged_impl(weight, lora_A, lora_B, scale, stream);
     if (has_bias) {
       at::addmm_out(y, *bias, x, w_eff.t());
@@ -303,15 +336,17 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
     }
   }
 
-  // y = bias + s q xa B^T, rounded once, then y += x W^T.
+  // target = bias + s q xa B^T, then target += x W^T (target: y or its fp32 scratch).
   const int nsplit = num_splits(dtype);
   const int64_t inner = nsplit * r + (has_bias ? 1 : 0);
   const int64_t cols = round_up(inner, 8);  // 16-byte aligned rows for the tensor-core kernels
   at::Tensor lhs = at::empty({M, cols}, x.options());
   split_pack(xa, scale * dropout_factor(dropout_p), has_bias, lhs, stream);
   const at::Tensor rhs = stacked_lora_B(lora_B, bias, nsplit, cols);  // [N, cols]
-  gemm_into(M, N, inner, operand(lhs.narrow(1, 0, inner)), operand(rhs.narrow(1, 0, inner)).t(), 0.0, y, stream);
-  gemm_into(M, N, K, operand(xb), operand(weight).t(), 1.0, y, stream);
+  at::Tensor target = accumulation_target(y);
+  gemm_into(M, N, inner, operand(lhs.narrow(1, 0, inner)), operand(rhs.narrow(1, 0, inner)).t(), 0.0, target, stream);
+  gemm_into(M, N, K, operand(xb), operand(weight).t(), 1.0, target, stream);
+  if (!target.is_same(y)) y.copy_(target);  // the one rounding to fp16/bf16
   return y;
 }
 
@@ -332,12 +367,13 @@ GradTuple lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor
   const int nsplit = num_splits(dtype);
   const int64_t split_cols = nsplit * r;
 
-  const at::Tensor empty = at::empty({0}, x.options());
-  at::Tensor grad_x = output_mask[0] ? at::empty({M, K}, x.options()) : empty;
-  at::Tensor grad_w = output_mask[1] ? at::empty({N, K}, weight.options()) : empty;
-  at::Tensor grad_bias = empty;
-  at::Tensor grad_A = output_mask[3] ? at::empty({r, K}, lora_A.options()) : empty;
-  at::Tensor grad_B = output_mask[4] ? at::empty({N, r}, lora_B.options()) : empty;
+  // Unrequested outputs: a fresh [0] tensor each, so no two outputs alias.
+  const auto none = [&] { return at::empty({0}, x.options()); };
+  at::Tensor grad_x = output_mask[0] ? at::empty({M, K}, x.options()) : none();
+  at::Tensor grad_w = output_mask[1] ? at::empty({N, K}, weight.options()) : none();
+  at::Tensor grad_bias = none();
+  at::Tensor grad_A = output_mask[3] ? at::empty({r, K}, lora_A.options()) : none();
+  at::Tensor grad_B = output_mask[4] ? at::empty({N, r}, lora_B.options()) : none();
 
   const at::Tensor g = blas_friendly(grad_out);
   const at::Tensor xb = blas_friendly(x);
@@ -345,14 +381,15 @@ GradTuple lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor
   if (output_mask[2]) grad_bias = g.sum(0);  // fp32 accumulation inside ATen, one rounding
   if (output_mask[1]) gemm_into(N, K, M, operand(g).t(), operand(xb), 0.0, grad_w, stream);
 
-  const bool merge = use_merge_backward(strategy, M, N, K, x.element_size(), dropout_p);
+  const bool merge = use_merge_backward(strategy, M, N, K, x.element_size(), dropout_p, /*weff_size=*/x.element_size());
   const bool lora_grad_x = output_mask[0] && !merge;
   const bool need_gb = lora_grad_x || output_mask[3];
   const bool need_xa = output_mask[4];
 
   at::Tensor P = need_xa ? at::zeros({N, split_cols}, acc_opts) : at::Tensor();  // g^T [hi|lo](s q xa)
   at::Tensor Q = output_mask[3] ? at::zeros({split_cols, K}, acc_opts) : at::Tensor();  // [hi|lo](s q gb)^T x~
-  bool grad_x_started = false;  // whether grad_x holds the LoRA term already
+  bool grad_x_started = false;  // whether gx_target holds the LoRA term already
+  at::Tensor gx_target = lora_grad_x ? accumulation_target(grad_x) : grad_x;
 
   if (M > 0 && K > 0 && (need_gb || need_xa)) {
     const int64_t rows = chunk_rows(M, (K + N) * x.element_size());
@@ -393,7 +430,7 @@ GradTuple lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor
         const Operand lg_op = operand(l.narrow(1, 0, split_cols));
         if (output_mask[3]) gemm_into(split_cols, K, rc, lg_op.t(), x_op, 1.0, Q, stream);
         if (lora_grad_x) {
-          at::Tensor gx_c = grad_x.narrow(0, m0, rc);
+          at::Tensor gx_c = gx_target.narrow(0, m0, rc);
           gemm_into(rc, K, split_cols, lg_op, operand(lora_AA), 0.0, gx_c, stream);
           if (dropout) apply_dropout(gx_c, gx_c, m0, K, *dropout_seed, threshold, stream);
         }
@@ -407,7 +444,8 @@ GradTuple lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor
       const at::Tensor w_eff = merged_impl(weight, lora_A, lora_B, scale, stream);
       gemm_into(M, K, N, operand(g), operand(w_eff), 0.0, grad_x, stream);
     } else {
-      gemm_into(M, K, N, operand(g), operand(weight), grad_x_started ? 1.0 : 0.0, grad_x, stream);
+      gemm_into(M, K, N, operand(g), operand(weight), grad_x_started ? 1.0 : 0.0, gx_target, stream);
+      if (!gx_target.is_same(grad_x)) grad_x.copy_(gx_target);
     }
   }
   if (output_mask[3] && grad_A.numel() > 0) {
@@ -458,10 +496,21 @@ at::Tensor dropout_mask_cuda(const at::Tensor& seed, int64_t rows, int64_t cols,
   return out;
 }
 
+namespace {
+
+// The dispatcher requires every backend's kernel of an op to have the same C++
+// signature (a mismatch aborts at library load), and the CPU kernel of merge_
+// takes the weight by value (csrc/cpu/lora_cpu.cpp::merge_entry): match it.
+void merge_entry(at::Tensor weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
+  merge_cuda(weight, lora_A, lora_B, scale);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
   m.impl("lora_linear", &lora_linear_cuda);
   m.impl("lora_linear_backward", &lora_linear_backward_cuda);
-  m.impl("merge_", &merge_cuda);
+  m.impl("merge_", &merge_entry);
   m.impl("merged_weight", &merged_weight_cuda);
   m.impl("dropout_mask", &dropout_mask_cuda);
 }

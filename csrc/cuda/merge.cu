@@ -88,12 +88,13 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int j0 = 0; j0 < r; j0 += kRankChunk) {
     const int jn = min(kRankChunk, r - j0);
     // Stage A[j0:j0+jn, k-tile] (consecutive threads read consecutive k: coalesced
-    // for a row-major A) and B[n-tile, j0:j0+jn]; out-of-range entries are zero.
-    for (int idx = threadIdx.x; idx < kRankChunk * kTileK; idx += kThreads) {
+    // for a row-major A) and B[n-tile, j0:j0+jn]; entries past K or N are zero.
+    // Rank rows >= jn are never read, so they are not staged.
+    for (int idx = threadIdx.x; idx < jn * kTileK; idx += kThreads) {
       const int j = idx / kTileK, c = idx % kTileK;
       const int64_t k = k0 + c;
       Acc v = Acc(0);
-      if (j < jn && k < K) v = Num<T>::to_acc(A[static_cast<int64_t>(j0 + j) * a_s0 + k * a_s1]);
+      if (k < K) v = Num<T>::to_acc(A[static_cast<int64_t>(j0 + j) * a_s0 + k * a_s1]);
       a_s[j][TT::smem_col(c)] = v;
     }
     for (int idx = threadIdx.x; idx < kTileN * kRankChunk; idx += kThreads) {
