@@ -181,10 +181,19 @@ def test_import_without_compiled_library_warns_once_and_falls_back(tmp_path):
     )
     script = textwrap.dedent(
         """
-        import warnings, torch
+        import importlib.util, os, sys, warnings, torch
+        # load the copy without _C*.so; an editable install's finder would map lora_ext.* back to the tree
+        sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+        pkg = os.path.join(os.getcwd(), "lora_ext")
+        spec = importlib.util.spec_from_file_location(
+            "lora_ext", os.path.join(pkg, "__init__.py"), submodule_search_locations=[pkg]
+        )
+        lora_ext = importlib.util.module_from_spec(spec)
+        sys.modules["lora_ext"] = lora_ext
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            import lora_ext
+            spec.loader.exec_module(lora_ext)
+        assert lora_ext.__file__.startswith(pkg), lora_ext.__file__
         msgs = [str(w.message) for w in caught if "lora_ext" in str(w.message)]
         assert len(msgs) == 1 and "could not be loaded" in msgs[0], msgs
         assert not lora_ext.extension_loaded()
