@@ -27,6 +27,7 @@ run_pytest .venv/bin/python -m pytest -q "$@"
 bash scripts/setup_env.sh .venv-cpu cpu
 run_pytest .venv-cpu/bin/python -m pytest -q tests/test_ops.py tests/test_merge.py tests/test_errors.py tests/test_dispatcher.py
 mkdir -p build
-PATH="$PWD/.venv-cpu/bin:$PATH" cmake -S . -B build/cmake-cpu -DPython3_EXECUTABLE="$PWD/.venv-cpu/bin/python" > build/cmake-cpu.log 2>&1 || { cat build/cmake-cpu.log; exit 1; }
+export PATH="$PWD/.venv-cpu/bin:$PATH"  # cmake/ctest from the CPU venv, against its torch
+cmake -S . -B build/cmake-cpu -DPython3_EXECUTABLE="$PWD/.venv-cpu/bin/python" > build/cmake-cpu.log 2>&1 || { cat build/cmake-cpu.log; exit 1; }
 cmake --build build/cmake-cpu -j "$MAX_JOBS" 2>&1 | tail -3
 ctest --test-dir build/cmake-cpu --output-on-failure
