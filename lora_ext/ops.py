@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import _ops  # noqa: F401  (registers the ops with the dispatcher)
 from ._checks import check_adapter, check_lora_linear_args, check_scale
+from .nf4 import NF4Weight, lora_linear_nf4
 
 STRATEGIES: dict[str, int] = {"auto": 0, "shrink_expand": 1, "merge": 2}
 
@@ -29,7 +30,8 @@ def lora_linear(
 
     Args:
         x: input ``[..., K]``; any leading dims, any strides.
-        weight: frozen base weight ``[N, K]``.
+        weight: frozen base weight ``[N, K]``, or an :class:`~lora_ext.NF4Weight`
+            (4-bit base, dispatched to :func:`~lora_ext.lora_linear_nf4`).
         lora_A: ``[r, K]``.
         lora_B: ``[N, r]``.
         scale: Python float, usually ``lora_alpha / r``.
@@ -45,6 +47,10 @@ def lora_linear(
     Returns:
         ``[..., N]`` in x's dtype. Differentiable in x, weight, bias, lora_A, lora_B.
     """
+    if isinstance(weight, NF4Weight):  # 4-bit frozen base (QLoRA): dequantization fused into the op
+        if strategy not in STRATEGIES:
+            raise ValueError(f"lora_ext: strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+        return lora_linear_nf4(x, weight, lora_A, lora_B, scale, bias=bias, dropout_p=dropout_p)
     scale, dropout_p = check_lora_linear_args(x, weight, lora_A, lora_B, scale, bias, dropout_p)
     n, k = weight.shape
     if strategy not in STRATEGIES:

@@ -195,3 +195,18 @@ def test_linear_nf4_training_saves_no_full_weight():
     torch.testing.assert_close(gx, torch.ones(8, 128) @ w, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_linear_accepts_nf4_weight():
+    """lora_ext.lora_linear(x, NF4Weight, ...) is lora_linear_nf4, gradients included."""
+    g = torch.Generator().manual_seed(7)
+    qw = lora_ext.quantize_nf4(torch.randn(24, 40, generator=g), blocksize=64)
+    x = torch.randn(5, 40, generator=g, requires_grad=True)
+    a = torch.randn(3, 40, generator=g, requires_grad=True)
+    b = torch.randn(24, 3, generator=g, requires_grad=True)
+    y = lora_ext.lora_linear(x, qw, a, b, 0.5)
+    y_ref = lora_ext.lora_linear(x, lora_ext.dequantize_nf4(qw, torch.float32), a, b, 0.5)
+    torch.testing.assert_close(y, y_ref)
+    gy = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, (x, a, b), gy), torch.autograd.grad(y_ref, (x, a, b), gy)):
+        torch.testing.assert_close(got, want)
