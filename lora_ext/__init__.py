@@ -21,3 +21,58 @@ __all__ = [
     "strategy_plan",
     "unmerge_",
 ]
+
+# ---- model API (issue 4)
+from . import integrations  # noqa: E402
+from .config import LoraConfig  # noqa: E402
+from .io import load_adapter, save_adapter  # noqa: E402
+from .layers import LoraEmbedding, LoraLinear  # noqa: E402
+from .model import (  # noqa: E402
+    active_adapter,
+    active_adapters,
+    delete_adapter,
+    disable_adapters,
+    inject_adapter,
+    merge_adapter,
+    merge_and_unload,
+    print_trainable_parameters,
+    set_adapter,
+    trainable_parameters,
+    unload,
+    unmerge_adapter,
+)
+
+__all__ += [
+    "LoraConfig",
+    "LoraEmbedding",
+    "LoraLinear",
+    "active_adapter",
+    "active_adapters",
+    "delete_adapter",
+    "disable_adapters",
+    "inject_adapter",
+    "integrations",
+    "load_adapter",
+    "merge_adapter",
+    "merge_and_unload",
+    "print_trainable_parameters",
+    "save_adapter",
+    "set_adapter",
+    "trainable_parameters",
+    "unload",
+    "unmerge_adapter",
+]
+
+from .nf4 import NF4Weight, dequantize_nf4, lora_linear_nf4, quantize_nf4
+from .qlora import LinearNF4, LoraLinearNF4, memory_report, quantize_model
+
+__all__ += [
+    "LinearNF4",
+    "LoraLinearNF4",
+    "NF4Weight",
+    "dequantize_nf4",
+    "lora_linear_nf4",
+    "memory_report",
+    "quantize_model",
+    "quantize_nf4",
+]

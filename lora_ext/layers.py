@@ -1,0 +1,557 @@
+"""LoRA modules that wrap an existing layer: LoraLinear, LoraEmbedding, ModulesToSaveWrapper.
+
+The parameter layout mirrors PEFT's ``peft.tuners.lora`` layers exactly, so a
+model's ``state_dict`` keys are the ones PEFT would produce:
+
+    <path>.base_layer.weight / .bias          the frozen wrapped layer
+    <path>.lora_A.<adapter>.weight   [r, K]   (Linear)
+    <path>.lora_B.<adapter>.weight   [N, r]   (Linear)
+    <path>.lora_embedding_A.<adapter> [r, num_embeddings]   (Embedding)
+    <path>.lora_embedding_B.<adapter> [embedding_dim, r]    (Embedding)
+    <path>.original_module.* / <path>.modules_to_save.<adapter>.*   (ModulesToSaveWrapper)
+
+State that decides which computation runs (active adapters, merged,
+disabled) lives in plain Python attributes: torch.compile guards on them, so
+switching an adapter or merging recompiles instead of reusing a stale graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+
+__all__ = ["LoraEmbedding", "LoraLayer", "LoraLinear", "ModulesToSaveWrapper", "lora_linear_multi"]
+
+
+# ------------------------------------------------------------------ functional core
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype if autocast is on for ``device_type``, else None."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4 has no device_type argument; only CPU/CUDA autocast existed
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+    return None
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def lora_linear_multi(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    adapters: list[tuple[Tensor, Tensor, float, float]],
+) -> Tensor:
+    """``x Wᵀ + bias + Σ_i s_i · (drop_i(x) A_iᵀ) B_iᵀ`` with the first adapter fused.
+
+    Args:
+        x: ``[..., K]``.
+        weight: ``[N, K]``; bias: ``[N]`` or None.
+        adapters: non-empty list of ``(A [r_i, K], B [N, r_i], scale_i, dropout_p_i)``;
+            pass ``dropout_p = 0`` outside training.
+
+    Returns:
+        ``[..., N]`` in the compute dtype: the autocast dtype when autocast is on
+        for x's device, else ``weight.dtype``.
+
+    The fused op wants one dtype; when x or the adapter factors differ from the
+    compute dtype they are cast to it (a differentiable cast, so fp32 adapter
+    parameters still get fp32 gradients). Casting the small factors instead of
+    the weight keeps the big GEMM in the model's dtype; the op accumulates in
+    fp32 and rounds once, which is at least as accurate as PEFT's two roundings.
+    """
+    amp = _autocast_dtype(x.device.type)
+    dtype = amp if amp is not None else weight.dtype
+    # The fallback kernels run plain torch ops; under autocast those would be
+    # re-cast to low precision, breaking the fp32-accumulation contract.
+    guard = torch.autocast(x.device.type, enabled=False) if amp is not None else contextlib.nullcontext()
+    with guard:
+        xc, w, b = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
+        a0, b0, s0, p0 = adapters[0]
+        y = ops.lora_linear(xc, w, _cast(a0, dtype), _cast(b0, dtype), s0, b, p0)
+        for a_i, b_i, s_i, p_i in adapters[1:]:
+            xd = F.dropout(xc, p_i, training=True) if p_i > 0 else xc
+            y = y + F.linear(F.linear(xd, _cast(a_i, dtype)), _cast(b_i, dtype)) * s_i
+    return y
+
+
+def base_layer_is_hooked(base: nn.Module) -> bool:
+    """True when calling ``base(x)`` does more than its ``forward``: hooks, or a forward
+    replaced on the instance (accelerate's offload/device-map hooks). The fused path
+    would skip those, so such layers run ``base(x)`` plus an unfused LoRA branch."""
+    return bool(base._forward_hooks or base._forward_pre_hooks or "forward" in vars(base))
+
+
+def add_lora_unfused(y: Tensor, x: Tensor, adapters: list[tuple[Tensor, Tensor, float, float]]) -> Tensor:
+    """``y + Σ s_i · (drop_i(x) A_iᵀ) B_iᵀ`` in plain PyTorch (PEFT's formula), in y's dtype."""
+    out = y
+    for a, b, s, p in adapters:
+        xc = x.to(a.dtype)
+        xd = F.dropout(xc, p, training=True) if p > 0 else xc
+        out = out + (F.linear(F.linear(xd, a), b) * s).to(y.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------- base class
+
+
+class LoraLayer(nn.Module):
+    """Common state of the LoRA wrappers: per-adapter hyper-parameters and the active/merged/disabled flags."""
+
+    # Names of the attributes that hold per-adapter trainable parameters (PEFT's names).
+    adapter_layer_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        # LoRA trains the factors only; the wrapped layer is frozen (bias="all"/"lora_only" re-enables biases).
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout_p: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self._active_adapters: tuple[str, ...] = ()
+        self._disable_adapters: bool = False
+        self.merged_adapters: list[str] = []
+
+    # ---- state
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the adapters this layer holds, in insertion order."""
+        return list(self.r)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [a for a in self._active_adapters if a in self.r]
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disabled(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def weight(self) -> Tensor:
+        """The wrapped layer's weight (code that reads ``module.weight`` keeps working)."""
+        return self.base_layer.weight
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        """Activate ``names`` (those this layer holds); adapter params train iff active."""
+        self._active_adapters = tuple(names)
+        for name in self.adapters:
+            for p in self._adapter_params(name):
+                p.requires_grad_(name in names)
+
+    def _adapter_params(self, name: str) -> Iterator[nn.Parameter]:
+        raise NotImplementedError
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        *,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        dtype: torch.dtype | None = None,
+        weights: dict[str, Tensor] | None = None,
+    ) -> None:
+        """Add adapter ``name`` (inactive until :meth:`set_active`).
+
+        Args:
+            r, lora_alpha: rank and alpha; scale = ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
+            init_lora_weights: True (PEFT default init), ``"gaussian"``, or False
+                (random factors, B not zero).
+            dtype: dtype of the new factors; default the base weight's dtype.
+            weights: exact factor values (PEFT key suffixes, e.g. ``{"lora_A.weight": A}``);
+                skips the random init.
+        """
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"lora_ext: adapter name must be a non-empty string without '.', got {name!r}")
+        if name in self.r:
+            raise ValueError(f"lora_ext: this layer already has an adapter named {name!r}")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"lora_ext: rank r must be a positive integer, got {r!r}")
+        if not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha) or lora_alpha <= 0:
+            raise ValueError(f"lora_ext: lora_alpha must be a positive finite number, got {lora_alpha!r}")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"lora_ext: lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        base_w = self.base_layer.weight
+        self._create_factors(name, r, init_lora_weights, base_w.device, dtype or base_w.dtype, weights)
+        self.r[name] = r
+        self.lora_alpha[name] = float(lora_alpha)
+        self.use_rslora[name] = bool(use_rslora)
+        self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.lora_dropout_p[name] = float(lora_dropout)
+        for p in self._adapter_params(name):
+            p.requires_grad_(name in self._active_adapters)
+
+    def _create_factors(self, name, r, init, device, dtype, weights) -> None:
+        raise NotImplementedError
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (unmerge it first if it is merged)."""
+        if name not in self.r:
+            raise ValueError(f"lora_ext: this layer has no adapter {name!r}; it has {self.adapters}")
+        if name in self.merged_adapters:
+            self.unmerge()
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p, self.use_rslora):
+            d.pop(name, None)
+        self._active_adapters = tuple(a for a in self._active_adapters if a != name)
+
+    # ---- merging
+
+    def delta_factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(A', B')`` with ``weight += scale · B' A'`` merging adapter ``name``."""
+        raise NotImplementedError
+
+    def merged_weight(self, names: list[str] | None = None) -> Tensor:
+        """Out of place: the base weight with adapters ``names`` (default: active) added."""
+        w = self.base_layer.weight.detach()
+        for name in names if names is not None else self.active_adapters:
+            w = _merged(w, *self.delta_factors(name), self.scaling[name])
+        return w
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the active (or given) adapters into the base weight, fp32 accumulation, one rounding.
+
+        Raises:
+            ValueError: with ``safe_merge``, if the merged weight would be
+                non-finite; the weight is left unchanged.
+        """
+        names = [n for n in (adapter_names if adapter_names is not None else self.active_adapters)]
+        names = [n for n in names if n not in self.merged_adapters]
+        if not names:
+            return
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            if safe_merge:
+                new = self.merged_weight(names)
+                if not torch.isfinite(new).all():
+                    raise ValueError(f"lora_ext: merging adapter(s) {names} gives non-finite weights; left unchanged")
+                weight.copy_(new)
+            else:
+                for name in names:
+                    _merge_into(weight, *self.delta_factors(name), self.scaling[name])
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        """Subtract the merged adapters, last merged first (the exact inverse formula)."""
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                _merge_into(weight, *self.delta_factors(name), -self.scaling[name])
+
+    def _repr_state(self) -> str:
+        names = self.adapters
+        if len(names) == 1:
+            n = names[0]
+            hp = f"r={self.r[n]}, alpha={self.lora_alpha[n]:g}, dropout={self.lora_dropout_p[n]:g}"
+        else:
+            hp = ", ".join(
+                f"{n}: (r={self.r[n]}, alpha={self.lora_alpha[n]:g}, dropout={self.lora_dropout_p[n]:g})" for n in names
+            )
+            hp = "adapters={" + hp + "}"
+        active = self.active_adapters
+        act = active[0] if len(active) == 1 else active
+        return f"{hp}, active_adapter={act!r}, merged={self.merged}, disabled={self.disabled}"
+
+    def extra_repr(self) -> str:
+        return self._repr_state()
+
+
+def _merged(weight: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """``W + scale · B A`` in W's dtype, fp32 accumulation, rounded once."""
+    if a.dtype == weight.dtype:
+        return ops.merged_weight(weight, a.detach(), b.detach(), scale)
+    # Adapter factors in another dtype (fp32 factors on a bf16 base): accumulate
+    # in fp32 from the unrounded factors, round to W's dtype once.
+    return ops.merged_weight(weight.float(), a.detach().float(), b.detach().float(), scale).to(weight.dtype)
+
+
+def _merge_into(weight: Tensor, a: Tensor, b: Tensor, scale: float) -> None:
+    if a.dtype == weight.dtype:
+        ops.merge_(weight.data, a.detach(), b.detach(), scale)
+    else:
+        weight.data.copy_(_merged(weight.data, a, b, scale))
+
+
+# ------------------------------------------------------------------------- Linear
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around an ``nn.Linear``: ``y = base(x) + Σ_active s · dropout(x) Aᵀ Bᵀ``.
+
+    Shapes: x ``[..., in_features]`` → ``[..., out_features]``; per adapter
+    ``lora_A[name].weight [r, in_features]``, ``lora_B[name].weight [out_features, r]``.
+
+    One active adapter, not merged, not disabled: a single fused
+    :func:`lora_ext.lora_linear` call (base GEMM, bias and LoRA branch
+    together). Merged or disabled: the base layer alone. Several active
+    adapters: the first fused, the others added (independent dropout masks, as PEFT).
+    Dropout is applied in training mode only.
+    """
+
+    adapter_layer_names = ("lora_A", "lora_B")
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        adapter_name: str | None = None,
+        r: int = 8,
+        lora_alpha: float = 8,
+        **adapter_kwargs: Any,
+    ) -> None:
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"lora_ext: LoraLinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        if not base_layer.weight.is_floating_point():
+            raise TypeError(f"lora_ext: LoraLinear needs a floating-point weight, got {base_layer.weight.dtype}")
+        super().__init__(base_layer)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        if adapter_name is not None:
+            self.add_adapter(adapter_name, r, lora_alpha, **adapter_kwargs)
+            self.set_active((adapter_name,))
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def _adapter_params(self, name: str) -> Iterator[nn.Parameter]:
+        yield from self.lora_A[name].parameters()
+        yield from self.lora_B[name].parameters()
+
+    def _create_factors(self, name, r, init, device, dtype, weights) -> None:
+        if weights is not None:
+            a = _frozen_empty_linear(self.in_features, r, device, dtype)
+            b = _frozen_empty_linear(r, self.out_features, device, dtype)
+            _copy_checked(a.weight, weights["lora_A.weight"], "lora_A.weight")
+            _copy_checked(b.weight, weights["lora_B.weight"], "lora_B.weight")
+        else:
+            # Same construction and RNG consumption order as PEFT, so a given
+            # torch.manual_seed gives PEFT's initial factors.
+            a = nn.Linear(self.in_features, r, bias=False)
+            b = nn.Linear(r, self.out_features, bias=False)
+            if init is True:
+                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+                nn.init.zeros_(b.weight)
+            elif isinstance(init, str) and init.lower() == "gaussian":
+                nn.init.normal_(a.weight, std=1 / r)
+                nn.init.zeros_(b.weight)
+            a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+        self.lora_A[name] = a
+        self.lora_B[name] = b
+
+    def delta_factors(self, name: str) -> tuple[Tensor, Tensor]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self._disable_adapters or self.merged_adapters or args or kwargs:
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self._active_adapters if a in self.r]
+        if not active:
+            return self.base_layer(x)
+        adapters = [
+            (
+                self.lora_A[n].weight,
+                self.lora_B[n].weight,
+                self.scaling[n],
+                self.lora_dropout_p[n] if self.training else 0.0,
+            )
+            for n in active
+        ]
+        base = self.base_layer
+        if base_layer_is_hooked(base):
+            return add_lora_unfused(base(x), x, adapters)
+        return lora_linear_multi(x, base.weight, base.bias, adapters)
+
+
+def _frozen_empty_linear(in_f: int, out_f: int, device, dtype) -> nn.Linear:
+    # skip the random init (it is overwritten right away), which costs time on big layers
+    lin = nn.Linear(in_f, out_f, bias=False, device="meta")
+    lin.weight = nn.Parameter(torch.empty(out_f, in_f, device=device, dtype=dtype))
+    return lin
+
+
+def _copy_checked(param: Tensor, value: Tensor, name: str) -> None:
+    if tuple(value.shape) != tuple(param.shape):
+        raise ValueError(f"lora_ext: {name} has shape {list(value.shape)}, expected {list(param.shape)}")
+    with torch.no_grad():
+        param.copy_(value)
+
+
+# ---------------------------------------------------------------------- Embedding
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around an ``nn.Embedding`` with PEFT's semantics.
+
+    ``y = base(ids) + s · embedding(ids, Aᵀ) Bᵀ`` with ``lora_embedding_A[name]
+    [r, num_embeddings]`` and ``lora_embedding_B[name] [embedding_dim, r]``; the
+    lookup uses the base layer's padding_idx/max_norm/... options. As in PEFT
+    there is no dropout on embeddings. The low-rank term is accumulated in fp32
+    and added to the base output with one rounding.
+    """
+
+    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(
+        self,
+        base_layer: nn.Embedding,
+        adapter_name: str | None = None,
+        r: int = 8,
+        lora_alpha: float = 8,
+        **adapter_kwargs: Any,
+    ) -> None:
+        if not isinstance(base_layer, nn.Embedding):
+            raise TypeError(f"lora_ext: LoraEmbedding wraps an nn.Embedding, got {type(base_layer).__name__}")
+        super().__init__(base_layer)
+        self.in_features = base_layer.num_embeddings
+        self.out_features = base_layer.embedding_dim
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        if adapter_name is not None:
+            self.add_adapter(adapter_name, r, lora_alpha, **adapter_kwargs)
+            self.set_active((adapter_name,))
+
+    def _adapter_params(self, name: str) -> Iterator[nn.Parameter]:
+        yield self.lora_embedding_A[name]
+        yield self.lora_embedding_B[name]
+
+    def _create_factors(self, name, r, init, device, dtype, weights) -> None:
+        if weights is not None:
+            a = torch.empty(r, self.in_features, device=device, dtype=dtype)
+            b = torch.empty(self.out_features, r, device=device, dtype=dtype)
+            _copy_checked(a, weights["lora_embedding_A"], "lora_embedding_A")
+            _copy_checked(b, weights["lora_embedding_B"], "lora_embedding_B")
+        else:
+            # PEFT: randn both, then (init) A zero and B normal; same RNG order.
+            a = torch.randn(r, self.in_features)
+            b = torch.randn(self.out_features, r)
+            if init is not False:
+                nn.init.zeros_(a)
+                nn.init.normal_(b)
+            a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+        self.lora_embedding_A[name] = nn.Parameter(a)
+        self.lora_embedding_B[name] = nn.Parameter(b)
+
+    def delta_factors(self, name: str) -> tuple[Tensor, Tensor]:
+        # weight [V, D] += s · (B A)ᵀ = s · Aᵀ Bᵀ: the merge op's A' = Bᵀ [r, D], B' = Aᵀ [V, r]
+        return self.lora_embedding_B[name].t().contiguous(), self.lora_embedding_A[name].t().contiguous()
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self._disable_adapters or self.merged_adapters:
+            return result
+        active = [a for a in self._active_adapters if a in self.r]
+        if not active:
+            return result
+        base = self.base_layer
+        embed_scale = getattr(base, "embed_scale", None)  # e.g. Gemma's scaled embeddings
+        with torch.autocast(x.device.type, enabled=False):
+            acc = result.float()
+            for n in active:
+                after_a = F.embedding(
+                    x,
+                    self.lora_embedding_A[n].t(),
+                    padding_idx=base.padding_idx,
+                    max_norm=base.max_norm,
+                    norm_type=base.norm_type,
+                    scale_grad_by_freq=base.scale_grad_by_freq,
+                    sparse=base.sparse,
+                )
+                delta = (after_a.float() @ self.lora_embedding_B[n].float().t()) * self.scaling[n]
+                if embed_scale is not None:
+                    delta = delta * (embed_scale.float() if isinstance(embed_scale, Tensor) else embed_scale)
+                acc = acc + delta
+        return acc.to(result.dtype)
+
+
+# ------------------------------------------------------------------ modules_to_save
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full for each adapter (PEFT's ``modules_to_save``).
+
+    ``original_module`` stays frozen; ``modules_to_save[adapter]`` is a trainable
+    copy used while that adapter is active and adapters are enabled.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self._active_adapters: tuple[str, ...] = ()
+        self._disable_adapters = False
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def add_adapter(self, name: str, copy_of: nn.Module | None = None) -> None:
+        new = copy.deepcopy(self.original_module if copy_of is None else copy_of)
+        for p in new.parameters():
+            p.requires_grad_(name in self._active_adapters)
+        self.modules_to_save[name] = new
+
+    def delete_adapter(self, name: str) -> None:
+        del self.modules_to_save[name]
+        self._active_adapters = tuple(a for a in self._active_adapters if a != name)
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        self._active_adapters = tuple(names)
+        for name, mod in self.modules_to_save.items():
+            for p in mod.parameters():
+                p.requires_grad_(name in names)
+
+    def active_module(self) -> nn.Module:
+        if not self._disable_adapters:
+            for name in self._active_adapters:
+                if name in self.modules_to_save:
+                    return self.modules_to_save[name]
+        return self.original_module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.active_module()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        # nn.Module.__getattr__ finds parameters/submodules; anything else (e.g. .weight,
+        # .in_features) is forwarded to the module in use, as PEFT does.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self.active_module(), name)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapters}, active={list(self._active_adapters)}"
