@@ -47,6 +47,17 @@ def lora_linear(
     Returns:
         ``[..., N]`` in x's dtype. Differentiable in x, weight, bias, lora_A, lora_B.
     """
+    autocast_dtype = _autocast_dtype(x)
+    if autocast_dtype is not None and not isinstance(weight, NF4Weight):
+        # Like F.linear under autocast: run in the autocast dtype. Autocast is switched off
+        # around the op, or the kernels' own fp32 accumulation GEMMs would be re-cast too.
+        def cast(t):
+            return t.to(autocast_dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(
+                cast(x), cast(weight), cast(lora_A), cast(lora_B), scale, cast(bias), dropout_p, strategy=strategy
+            )
     if isinstance(weight, NF4Weight):  # 4-bit frozen base (QLoRA): dequantization fused into the op
         if strategy not in STRATEGIES:
             raise ValueError(f"lora_ext: strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
@@ -62,6 +73,19 @@ def lora_linear(
     x2 = x.reshape(-1, k)
     y2 = torch.ops.lora_ext.lora_linear(x2, weight, bias, lora_A, lora_B, scale, dropout_p, seed, STRATEGIES[strategy])
     return y2.view(*x.shape[:-1], n)
+
+
+def _autocast_dtype(x: object) -> torch.dtype | None:
+    """The autocast dtype in force for x's device type, or None."""
+    if not isinstance(x, Tensor):
+        return None
+    device_type = x.device.type
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except (RuntimeError, TypeError, ValueError):  # a device type without autocast
+        return None
 
 
 def merged_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:

@@ -194,3 +194,16 @@ def test_strategy_plan_follows_cost_model():
     # CUDA keeps W_eff in bf16, so at the GPU goal shape merging costs half of the extra passes
     assert lora_ext.strategy_plan(8192, 4096, 4096, torch.bfloat16, device="cuda")["forward"] == "merge"
     assert lora_ext.strategy_plan(8192, 4096, 4096, torch.bfloat16, device="cpu")["forward"] == "shrink_expand"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_runs_in_the_autocast_dtype(dtype):
+    inputs = make_inputs(17, 24, 12, 3, torch.float32)
+    x, w, a, b, bias = (t.requires_grad_(True) for t in inputs)
+    with torch.autocast("cpu", dtype=dtype):
+        y = lora_ext.lora_linear(x, w, a, b, 0.5, bias=bias)
+    assert y.dtype == dtype
+    want = lora_ext.lora_linear(*(t.detach().to(dtype) for t in (x, w, a, b)), 0.5, bias=bias.detach().to(dtype))
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    y.float().sum().backward()
+    assert a.grad.dtype == torch.float32 and a.grad.abs().sum() > 0
