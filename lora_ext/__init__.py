@@ -5,29 +5,12 @@
 which computes the same function at the same rounding points.
 """
 
+from . import integrations
 from ._loader import build_info, extension_loaded
-from .ops import STRATEGIES, dropout_mask, lora_linear, merge_, merged_weight, strategy_plan, unmerge_
-
-__version__ = "0.1.0"
-
-__all__ = [
-    "STRATEGIES",
-    "build_info",
-    "dropout_mask",
-    "extension_loaded",
-    "lora_linear",
-    "merge_",
-    "merged_weight",
-    "strategy_plan",
-    "unmerge_",
-]
-
-# ---- model API (issue 4)
-from . import integrations  # noqa: E402
-from .config import LoraConfig  # noqa: E402
-from .io import load_adapter, save_adapter  # noqa: E402
-from .layers import LoraEmbedding, LoraLinear  # noqa: E402
-from .model import (  # noqa: E402
+from .config import LoraConfig
+from .io import load_adapter, save_adapter
+from .layers import LoraEmbedding, LoraLinear
+from .model import (
     active_adapter,
     active_adapters,
     delete_adapter,
@@ -41,8 +24,24 @@ from .model import (  # noqa: E402
     unload,
     unmerge_adapter,
 )
+from .nf4 import NF4Weight, dequantize_nf4, lora_linear_nf4, quantize_nf4
+from .ops import STRATEGIES, dropout_mask, lora_linear, merge_, merged_weight, strategy_plan, unmerge_
+from .qlora import LinearNF4, LoraLinearNF4, memory_report, quantize_model
 
-__all__ += [
+__version__ = "0.1.0"
+
+__all__ = [
+    # fused ops (issue 2)
+    "STRATEGIES",
+    "build_info",
+    "dropout_mask",
+    "extension_loaded",
+    "lora_linear",
+    "merge_",
+    "merged_weight",
+    "strategy_plan",
+    "unmerge_",
+    # model API (issue 4)
     "LoraConfig",
     "LoraEmbedding",
     "LoraLinear",
@@ -61,12 +60,7 @@ __all__ += [
     "trainable_parameters",
     "unload",
     "unmerge_adapter",
-]
-
-from .nf4 import NF4Weight, dequantize_nf4, lora_linear_nf4, quantize_nf4
-from .qlora import LinearNF4, LoraLinearNF4, memory_report, quantize_model
-
-__all__ += [
+    # QLoRA (issue 6)
     "LinearNF4",
     "LoraLinearNF4",
     "NF4Weight",

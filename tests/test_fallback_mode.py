@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import IN_FALLBACK_MODE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -52,14 +52,16 @@ def test_merged_weight_leaves_input_untouched():
 def test_merge_noncontiguous_and_offset_weight(dtype):
     w, a, b = _adapter(33, 47, 3, dtype)
     want = lora_ext.merged_weight(w, a, b, 1.25)
+    # another layout may let BLAS sum the rank-r product in another order: last-bit slack only
+    exact = {"rtol": 0, "atol": 0} if dtype != torch.float32 else {}
     w_t = w.t().contiguous().t()  # column-major view
     lora_ext.merge_(w_t, a, b, 1.25)
-    torch.testing.assert_close(w_t, want, rtol=0, atol=0)
+    torch.testing.assert_close(w_t, want, **exact)
     storage = torch.zeros(5 + 33 * 47, dtype=dtype)
     w_off = storage[5:].view(33, 47)
     w_off.copy_(w)
     lora_ext.merge_(w_off, a, b, 1.25)
-    torch.testing.assert_close(w_off, want, rtol=0, atol=0)
+    torch.testing.assert_close(w_off, want, **exact)
     assert torch.count_nonzero(storage[:5]) == 0  # nothing outside the view written
 
 

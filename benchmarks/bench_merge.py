@@ -1,0 +1,258 @@
+"""merge_/unmerge_ against the floor (a device copy of W), PEFT's merge and plain ``addmm_``; bf16 drift.
+
+Speed: every method rewrites W in place, so each moves at least 2·N·K·elem
+bytes (read W, write W); bandwidth = that / median time. The floor is
+``dst.copy_(W)``, which moves the same bytes. Methods:
+
+  copy            ``dst.copy_(W)``: the floor
+  lora_ext        ``lora_ext.merge_`` then ``lora_ext.unmerge_`` (fp32 accumulation, one rounding)
+  peft            ``peft.tuners.lora.Linear.merge()`` then ``.unmerge()`` (delta ``B@A·s`` built
+                  as a full N×K tensor in the adapter dtype, then added to W)
+  torch_addmm     ``W.addmm_(B, A, alpha=±s)`` (plain PyTorch, in W's dtype)
+
+merge and unmerge alternate so W stays bounded; they are timed separately.
+Inputs rotate over several independent (W, A, B) sets.
+
+Drift: a bf16 W with bf16 factors, ``n`` merge+unmerge cycles, then the
+difference to the original W (max |ΔW| / max |W|, ‖ΔW‖/‖W‖, fraction of
+elements changed), for lora_ext, PEFT and addmm_. lora_ext rounds once per
+op (W + s·BA computed in fp32); PEFT rounds B@A·s to bf16 first, then rounds
+the sum again.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from . import common
+from .bench_lora_linear import make_peft_layer
+from .common import Settings
+
+
+def _lora_ext():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        import lora_ext
+    return lora_ext
+
+
+def speed_shapes(device: str, quick: bool) -> list[tuple[int, int, int]]:
+    """(N, K, r) of the speed table."""
+    if quick:
+        return [(256, 256, 8), (1024, 1024, 16)]
+    if device == "cuda":
+        return [(4096, 4096, 16), (4096, 4096, 64), (11008, 4096, 16), (4096, 14336, 16)]
+    return [(1024, 1024, 16), (4096, 4096, 16)]
+
+
+def drift_setup(device: str, quick: bool) -> tuple[tuple[int, int, int], tuple[int, ...]]:
+    """((N, K, r), cycle checkpoints) of the drift table."""
+    if quick:
+        return (256, 256, 8), (1, 10, 100)
+    return ((4096, 4096, 16) if device == "cuda" else (512, 512, 16)), (1, 100, 1000)
+
+
+def _factors(n: int, k: int, r: int, device: str, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * k**-0.5).to(device=device, dtype=dtype)
+    a = (torch.randn(r, k, generator=g) * k**-0.5).to(device=device, dtype=dtype)
+    b = (torch.randn(n, r, generator=g) * r**-0.5).to(device=device, dtype=dtype)
+    return w, a, b
+
+
+def bench_speed(n: int, k: int, r: int, s: Settings, progress) -> list[dict[str, Any]]:
+    lx = _lora_ext()
+    dev, dt = s.device, s.dtype
+    scale = 2.0
+    elem = torch.empty((), dtype=dt).element_size()
+    nbytes = 2 * n * k * elem
+    sets = [_factors(n, k, r, dev, dt, seed) for seed in range(s.rotate)]
+    label = "lora_ext" if lx.extension_loaded() else "fallback"
+    rows: list[dict[str, Any]] = []
+
+    def row(method: str, phases: dict[str, float], runs: int, mem: int | None, **extra) -> None:
+        for phase, ms in phases.items():
+            rows.append(
+                {
+                    "bench": "merge",
+                    "N": n,
+                    "K": k,
+                    "r": r,
+                    "dtype": s.dtype_name,
+                    "device": dev,
+                    "method": method,
+                    "op": phase,
+                    "ms": ms,
+                    "GB_per_s": nbytes / (ms * 1e6),
+                    "runs": runs,
+                    "peak_mem_MiB": None if mem is None else mem / common.MiB,
+                    **extra,
+                }
+            )
+
+    # floor: device copy of W
+    dsts = [torch.empty_like(w) for w, _, _ in sets]
+    idx = {"i": -1}
+
+    def nxt() -> int:
+        idx["i"] = (idx["i"] + 1) % len(sets)
+        return idx["i"]
+
+    def copy_step(mark):
+        i = nxt()
+        dsts[i].copy_(sets[i][0])
+        mark("copy")
+
+    t = common.time_op(copy_step, s)
+    row("copy", t.ms, t.runs, common.peak_memory(lambda: copy_step(lambda _n: None), dev))
+
+    def ext_step(mark):
+        w, a, b = sets[nxt()]
+        lx.merge_(w, a, b, scale)
+        mark("merge")
+        lx.unmerge_(w, a, b, scale)
+        mark("unmerge")
+
+    t = common.time_op(ext_step, s)
+    w, a, b = sets[0]
+    row(label, t.ms, t.runs, common.peak_memory(lambda: lx.merge_(w, a, b, scale), dev))
+    lx.unmerge_(w, a, b, scale)
+    if progress is not None:
+        progress.update(f"merge N={n} K={k} {label}")
+
+    layers = [make_peft_layer(k, n, r, scale * r, w, a, b, dev, dt) for w, a, b in sets]
+    if layers[0] is not None:
+
+        def peft_step(mark):
+            layer = layers[nxt()]
+            layer.merge()
+            mark("merge")
+            layer.unmerge()
+            mark("unmerge")
+
+        t = common.time_op(peft_step, s)
+        mem = common.peak_memory(layers[0].merge, dev)
+        layers[0].unmerge()
+        row("peft", t.ms, t.runs, mem)
+    if progress is not None:
+        progress.update(f"merge N={n} K={k} peft")
+
+    def addmm_step(mark):
+        w, a, b = sets[nxt()]
+        w.addmm_(b, a, alpha=scale)
+        mark("merge")
+        w.addmm_(b, a, alpha=-scale)
+        mark("unmerge")
+
+    t = common.time_op(addmm_step, s)
+    w, a, b = sets[0]
+    mem = common.peak_memory(lambda: w.addmm_(b, a, alpha=scale), dev)
+    w.addmm_(b, a, alpha=-scale)
+    row("torch_addmm", t.ms, t.runs, mem)
+    if progress is not None:
+        progress.update(f"merge N={n} K={k} addmm_")
+
+    copy_bw = next(r_["GB_per_s"] for r_ in rows if r_["method"] == "copy")
+    for r_ in rows:
+        r_["frac_of_copy_bw"] = r_["GB_per_s"] / copy_bw
+    return rows
+
+
+def bench_drift(n: int, k: int, r: int, checkpoints: tuple[int, ...], device: str) -> list[dict[str, Any]]:
+    """bf16 drift of W after ``c`` merge/unmerge cycles, for each checkpoint ``c``."""
+    lx = _lora_ext()
+    dt = torch.bfloat16
+    scale = 2.0
+    w0, a, b = _factors(n, k, r, device, dt, seed=123)
+    w0_64 = w0.double()
+    label = "lora_ext" if lx.extension_loaded() else "fallback"
+
+    def stats(w: torch.Tensor) -> dict[str, float]:
+        d = w.double() - w0_64
+        return {
+            "max_abs_over_max_w": (d.abs().max() / w0_64.abs().max()).item(),
+            "rel_fro": (d.norm() / w0_64.norm()).item(),
+            "frac_changed": (d != 0).double().mean().item(),
+        }
+
+    def cycle_ext(w):
+        lx.merge_(w, a, b, scale)
+        lx.unmerge_(w, a, b, scale)
+
+    peft_layer = make_peft_layer(k, n, r, scale * r, w0, a, b, device, dt)
+
+    def cycle_addmm(w):
+        w.addmm_(b, a, alpha=scale)
+        w.addmm_(b, a, alpha=-scale)
+
+    methods: list[tuple[str, Any, Any]] = [(label, w0.clone(), cycle_ext), ("torch_addmm", w0.clone(), cycle_addmm)]
+    if peft_layer is not None:
+
+        def cycle_peft(_w):
+            peft_layer.merge()
+            peft_layer.unmerge()
+
+        methods.insert(1, ("peft", peft_layer.base_layer.weight.data, cycle_peft))
+    rows = []
+    for name, w, cycle in methods:
+        done = 0
+        for c in checkpoints:
+            with torch.no_grad():
+                while done < c:
+                    cycle(w)
+                    done += 1
+            rows.append(
+                {
+                    "bench": "merge_drift",
+                    "N": n,
+                    "K": k,
+                    "r": r,
+                    "dtype": "bf16",
+                    "device": device,
+                    "method": name,
+                    "cycles": c,
+                    **stats(w),
+                }
+            )
+    return rows
+
+
+def jobs(s: Settings) -> int:
+    return 3 * len(speed_shapes(s.device, s.quick)) + 1
+
+
+def run(s: Settings, progress=None) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for n, k, r in speed_shapes(s.device, s.quick):
+        rows += bench_speed(n, k, r, s, progress)
+    (n, k, r), checkpoints = drift_setup(s.device, s.quick)
+    rows += bench_drift(n, k, r, checkpoints, s.device)
+    if progress is not None:
+        progress.update("bf16 drift")
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from .report import drift_table, merge_table
+
+    p = argparse.ArgumentParser(description="merge_/unmerge_ benchmark")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default=None, choices=tuple(common.DTYPES))
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    common.set_threads(a.threads if a.device == "cpu" else 0)
+    st = Settings(
+        device=a.device,
+        dtype=common.DTYPES[a.dtype or ("bf16" if a.device == "cuda" else "fp32")],
+        quick=a.quick,
+        budget_s=0.3 if a.quick else 1.0,
+    )
+    out = run(st)
+    print(common.text_table(*merge_table(out)))
+    print(common.text_table(*drift_table(out)))

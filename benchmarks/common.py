@@ -1,0 +1,543 @@
+"""Shared machinery of the benchmark suite: timing, peak memory, metadata, shapes, progress.
+
+Timing (:func:`time_ops`)
+    ``warmup`` untimed calls, then timed calls until both ``min_runs`` calls and
+    ``budget_s`` seconds per contender are reached (at most ``max_runs``); the
+    figure is the median. Contenders of one comparison run interleaved (one
+    call each, in turn), so a busy spell on the machine hits all of them. Every call takes the next of several pre-built input sets
+    (:class:`Rotating`), so no call reads inputs the previous one left in
+    cache. On CUDA each call is bracketed by ``torch.cuda.Event``s and the L2
+    cache is flushed (a 512 MiB buffer is zeroed, untimed) before each call, as
+    Triton's ``do_bench`` does; on CPU ``time.perf_counter`` brackets the call
+    (CPU ops are synchronous).
+
+Peak memory (:func:`peak_memory`)
+    Extra bytes allocated at the high-water mark of one call, above what was
+    allocated before it (inputs and parameters are not counted; outputs,
+    autograd-saved tensors, gradients and every temporary are).
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+    CPU: every allocation and free that goes through c10's CPU allocator is
+    recorded by PyTorch's autograd profiler (``profile_memory=True``), including those
+    made inside compiled C++ kernels (``at::empty``); the running sum of the
+    sizes in time order gives the high-water mark. Scratch memory that
+    oneDNN/MKL take from ``malloc`` directly is not seen (the same for every
+    method that calls the same BLAS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as dt
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MiB = 2**20
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass
+class Settings:
+    """How hard to measure: the runner picks these from --quick / the device."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    warmup: int = 1
+    min_runs: int = 3
+    max_runs: int = 50
+    budget_s: float = 2.0
+    rotate: int = 4
+    quick: bool = False
+    compile: str = "goal"  # none | goal | all: where torch.compile(PEFT layer) is measured
+    threads: int = 0
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+
+# ---------------------------------------------------------------- timing
+
+
+class Rotating:
+    """Cycles through ``n`` pre-built items made by ``make()`` (so caches do not flatter anyone)."""
+
+    def __init__(self, make: Callable[[], Any], n: int):
+        self.items = [make() for _ in range(max(1, n))]
+        self.i = -1
+
+    def next(self) -> Any:
+        self.i = (self.i + 1) % len(self.items)
+        return self.items[self.i]
+
+
+_L2_FLUSH: torch.Tensor | None = None
+
+
+def _flush_cache(device: str) -> None:
+    global _L2_FLUSH
+    if device != "cuda":
+        return
+    if _L2_FLUSH is None:
+        _L2_FLUSH = torch.empty(512 * MiB // 4, dtype=torch.int32, device="cuda")
+    _L2_FLUSH.zero_()
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Timing:
+    """Milliseconds per phase (median over runs) and the number of runs."""
+
+    ms: dict[str, float]
+    runs: int
+    spread: dict[str, float] = field(default_factory=dict)  # (p80 - p20) / median per phase
+
+
+def _one_run(step: Callable[[Callable[[str], None]], None], dev: str) -> dict[str, float]:
+    _flush_cache(dev)
+    if dev == "cuda":
+        events: list[tuple[str, torch.cuda.Event]] = []
+        start = torch.cuda.Event(enable_timing=True)
+
+        def mark(name: str) -> None:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            events.append((name, ev))
+
+        start.record()
+        step(mark)
+        torch.cuda.synchronize()
+        out, prev = {}, start
+        for name, ev in events:
+            out[name] = prev.elapsed_time(ev)
+            prev = ev
+        return out
+    stamps: list[tuple[str, float]] = []
+
+    def mark(name: str) -> None:
+        stamps.append((name, time.perf_counter()))
+
+    t0 = time.perf_counter()
+    step(mark)
+    out, prev = {}, t0
+    for name, t in stamps:
+        out[name] = (t - prev) * 1e3
+        prev = t
+    return out
+
+
+def _summarise(runs: list[dict[str, float]]) -> Timing:
+    ms, spread = {}, {}
+    for n in runs[0]:
+        vals = sorted(r[n] for r in runs)
+        med = statistics.median(vals)
+        ms[n] = med
+        lo, hi = vals[int(0.2 * (len(vals) - 1))], vals[math.ceil(0.8 * (len(vals) - 1))]
+        spread[n] = (hi - lo) / med if med > 0 else 0.0
+    return Timing(ms=ms, runs=len(runs), spread=spread)
+
+
+def time_ops(
+    steps: dict[str, Callable[[Callable[[str], None]], None]], s: Settings, warmup: int | None = None
+) -> dict[str, Timing]:
+    """Time several steps interleaved: round after round, each step runs once (in a rotating order).
+
+    A step is called as ``step(mark)`` and calls ``mark(name)`` at the end of each
+    of its phases; phase times are the differences between consecutive marks,
+    starting from the call (a CUDA event per mark on the GPU). Interleaving
+    makes a busy machine slow every contender alike instead of whichever ran
+    during the busy spell. Rounds continue until each step has ``min_runs``
+    runs and the rounds took ``budget_s`` per step (at most ``max_runs``).
+    """
+    dev = s.device
+    names = list(steps)
+    for _ in range(s.warmup if warmup is None else warmup):
+        for n in names:
+            _one_run(steps[n], dev)
+    synchronize(dev)
+    runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    t_start = time.perf_counter()
+    budget = s.budget_s * len(names)
+    rnd = 0
+    while rnd < s.max_runs and (rnd < s.min_runs or time.perf_counter() - t_start < budget):
+        for j in range(len(names)):
+            n = names[(j + rnd) % len(names)]
+            runs[n].append(_one_run(steps[n], dev))
+        rnd += 1
+    return {n: _summarise(runs[n]) for n in names}
+
+
+def time_op(step: Callable[[Callable[[str], None]], None], s: Settings) -> Timing:
+    """:func:`time_ops` for a single step."""
+    return time_ops({"op": step}, s)["op"]
+
+
+# ---------------------------------------------------------------- memory
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence C-level stderr (the profiler's kineto prints a line per start/stop)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(devnull)
+        os.close(saved)
+
+
+def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
+    # The legacy autograd profiler records every c10 CPU allocation and free in
+    # order and starts in milliseconds; kineto's profiler (the fallback here)
+    # gives the same events but takes ~15 s to start on a CUDA build of torch
+    # without a GPU.
+    try:
+        import torch.autograd.profiler_legacy as legacy
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = legacy.profile(profile_memory=True).config()
+        legacy._enable_profiler_legacy(config)
+    except Exception:  # noqa: BLE001  (private API gone: use kineto)
+        return _cpu_peak_bytes_kineto(fn)
+    try:
+        out = fn()
+        del out
+    finally:
+        records = legacy._disable_profiler_legacy()
+    allocs = [r for thread in records for r in thread if r.kind() == "memory_alloc"]
+    allocs.sort(key=lambda r: r.start_us())
+    cur = peak = 0
+    for r in allocs:
+        cur += r.cpu_memory_usage()
+        peak = max(peak, cur)
+    return peak
+
+
+def _cpu_peak_bytes_kineto(fn: Callable[[], Any]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    events = [
+        e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"
+    ]
+    events.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+def peak_memory(fn: Callable[[], Any], device: str) -> int:
+    """Extra bytes at the high-water mark of one call of ``fn`` (see the module docstring)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        del out
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    return _cpu_peak_bytes(fn)
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def metadata(s: Settings) -> dict[str, Any]:
+    """Machine, device, versions, commit and date of this run (goes into every CSV row and the report)."""
+    import lora_ext
+
+    info = lora_ext.build_info()
+    commit = _git("rev-parse", "--short", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    meta: dict[str, Any] = {
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": (commit + ("+dirty" if dirty else "")) if commit else "unknown",
+        "host": platform.node(),
+        "cpu": _cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "device": s.device,
+        "device_name": torch.cuda.get_device_name(0) if s.device == "cuda" else _cpu_name(),
+        "dtype": s.dtype_name,
+        "lora_ext_compiled": info["extension_loaded"],
+        "lora_ext_cuda_kernels": info.get("cuda"),
+        "quick": s.quick,
+    }
+    if s.device == "cuda":
+        try:
+            meta["driver"] = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=20,
+                )
+                .stdout.strip()
+                .splitlines()[0]
+            )
+        except (OSError, subprocess.SubprocessError, IndexError):
+            meta["driver"] = None
+    for mod in ("peft", "transformers"):
+        try:
+            meta[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001  (optional baselines)
+            meta[mod] = None
+    return meta
+
+
+# ---------------------------------------------------------------- shapes
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One LoRA linear problem: x [m, k], W [n, k], A [r, k], B [n, r]; ``name`` groups the M sweep."""
+
+    name: str
+    m: int
+    k: int
+    n: int
+    r: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.name} M={self.m} K={self.k} N={self.n} r={self.r}"
+
+    @property
+    def group(self) -> str:
+        return f"{self.name} (K={self.k}, N={self.n}, r={self.r})"
+
+
+def _sweep(name: str, k: int, n: int, r: int, ms: Iterable[int]) -> list[Shape]:
+    return [Shape(name, m, k, n, r) for m in ms]
+
+
+GOAL_CPU = Shape("goal-cpu", 8192, 1024, 1024, 16)
+GOAL_GPU = Shape("goal-gpu", 8192, 4096, 4096, 16)
+
+PRESETS: dict[str, list[Shape]] = {
+    # CI smoke: seconds
+    "tiny": _sweep("tiny", 128, 128, 8, (64, 256)),
+    "quick": _sweep("sq-256", 256, 256, 8, (64, 512)) + _sweep("mlp-384", 384, 1536, 8, (512,)),
+    # CPU default: a few minutes on 2 cores; holds the CPU goal shape
+    "cpu": (
+        _sweep("goal-cpu", 1024, 1024, 16, (128, 1024, 8192))
+        + _sweep("minilm-ffn", 384, 1536, 8, (128, 1024))
+        + _sweep("vit-b-mlp", 768, 3072, 16, (197, 1576))
+    ),
+    # CPU rank sweep at the goal shape (not in the default run, for time)
+    "cpu-ranks": [Shape(f"goal-cpu-r{r}", 8192, 1024, 1024, r) for r in (8, 64)],
+    # GPU: the issue's real-model shapes, M from decode to training sizes, ranks 8-128
+    "gpu": (
+        _sweep("llama7b-attn", 4096, 4096, 16, (1, 16, 512, 4096, 8192, 16384))
+        + _sweep("llama7b-mlp-up", 4096, 11008, 16, (1, 16, 512, 4096, 8192, 16384))
+        + _sweep("llama7b-mlp-down", 11008, 4096, 16, (1, 16, 512, 4096, 8192, 16384))
+        + _sweep("llama8b-kv", 4096, 1024, 16, (1, 16, 4096, 16384))
+        + _sweep("llama8b-mlp-up", 4096, 14336, 16, (1, 16, 4096, 16384))
+        + _sweep("vit-b-mlp", 768, 3072, 16, (197, 1576, 12608))
+        + [Shape(f"goal-gpu-r{r}", 8192, 4096, 4096, r) for r in (8, 64, 128)]
+    ),
+}
+PRESETS["cpu-goal"] = [GOAL_CPU]
+PRESETS["gpu-goal"] = [GOAL_GPU]
+
+
+def is_goal(sh: Shape) -> bool:
+    """Whether ``sh`` has the dimensions of a goal shape (where torch.compile is measured by default)."""
+    return any((sh.m, sh.k, sh.n, sh.r) == (g.m, g.k, g.n, g.r) for g in (GOAL_CPU, GOAL_GPU))
+
+
+def parse_shapes(spec: str | None, device: str, quick: bool) -> list[Shape]:
+    """``spec``: comma list of preset names and/or ``MxKxNxr`` items (e.g. ``cpu,4096x1024x1024x64``)."""
+    if not spec:
+        spec = "quick" if quick else ("gpu" if device == "cuda" else "cpu")
+    shapes: list[Shape] = []
+    for item in (p.strip() for p in spec.split(",") if p.strip()):
+        if item in PRESETS:
+            shapes += PRESETS[item]
+            continue
+        parts = item.lower().split("x")
+        if len(parts) != 4 or not all(p.isdigit() for p in parts):
+            raise SystemExit(f"--shapes: expected a preset ({', '.join(PRESETS)}) or MxKxNxr, got {item!r}")
+        m, k, n, r = map(int, parts)
+        if min(m, k, n, r) <= 0:
+            raise SystemExit(f"--shapes: sizes must be positive, got {item!r}")
+        shapes.append(Shape(f"K{k}-N{n}-r{r}", m, k, n, r))
+    seen, out = set(), []
+    for sh in shapes:
+        if (sh.m, sh.k, sh.n, sh.r) not in seen:
+            seen.add((sh.m, sh.k, sh.n, sh.r))
+            out.append(sh)
+    return out
+
+
+# ---------------------------------------------------------------- roofline
+
+# Dense peak (TFLOP/s, no sparsity) and memory bandwidth (TB/s) of known GPUs; None -> no roofline column.
+_GPU_PEAKS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0, "tbps": 4.8},
+    "H100 80GB HBM3": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0, "tbps": 3.35},
+    "H100": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0, "tbps": 2.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5, "tbps": 2.0},
+}
+
+
+def gpu_peaks(device_name: str) -> dict[str, float] | None:
+    for key, val in _GPU_PEAKS.items():
+        if key in device_name:
+            return val
+    return None
+
+
+# ---------------------------------------------------------------- output
+
+
+class Progress:
+    """A tqdm bar when tqdm is installed and stderr is a terminal-ish stream, else one line per item."""
+
+    def __init__(self, total: int, desc: str):
+        self.bar = None
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, desc=desc, unit="job", dynamic_ncols=True, leave=True, mininterval=0.5, file=sys.stderr
+            )
+        except ImportError:
+            self.desc, self.total, self.done = desc, total, 0
+
+    def update(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(label[:60], refresh=False)
+            self.bar.update(1)
+        else:
+            self.done += 1
+            print(f"[{self.desc} {self.done}/{self.total}] {label}", file=sys.stderr, flush=True)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    """Compact number formatting for tables (3 significant digits)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        mag = abs(v)
+        if mag >= 1000:
+            return f"{v:,.0f}"
+        if mag < 1e-3:
+            return f"{v:.2e}"
+        return f"{v:.{max(0, digits - 1 - int(math.floor(math.log10(mag))))}f}"
+    return str(v)
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table for the terminal."""
+    cells = [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    return "\n".join([line, sep, *body])
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table."""
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    out += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def write_csv(path: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """Rows plus the run's metadata columns (machine, device, versions, commit, date) on every line."""
+    keys: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    meta_keys = [k for k in meta if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys + meta_keys, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**{k: meta[k] for k in meta_keys}, **r})
+
+
+def set_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
