@@ -143,7 +143,12 @@ def _extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     torch_version = torch.__version__.split("+")[0]
-    cxx = ["-O3", "-DNDEBUG", f'-DLORA_EXT_TORCH_VERSION="{torch_version}"']
+    cxx = [
+        "-O3",
+        "-DNDEBUG",
+        f'-DLORA_EXT_TORCH_VERSION="{torch_version}"',
+        f'-DLORA_EXT_TORCH_FULL_VERSION="{torch.__version__}"',  # marker read by lora_ext/_loader.py
+    ]
     include_dirs = [os.path.join(ROOT, "csrc")]
 
     want_cuda = not _env_flag("LORA_EXT_SKIP_CUDA")

@@ -10,6 +10,9 @@
 #ifndef LORA_EXT_TORCH_VERSION
 #define LORA_EXT_TORCH_VERSION "unknown"
 #endif
+#ifndef LORA_EXT_TORCH_FULL_VERSION
+#define LORA_EXT_TORCH_FULL_VERSION LORA_EXT_TORCH_VERSION
+#endif
 #ifndef LORA_EXT_CUDA_ARCHS
 #define LORA_EXT_CUDA_ARCHS ""
 #endif
@@ -17,6 +20,11 @@
 #ifdef LORA_EXT_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
+
+// Read from the file by lora_ext/_loader.py *before* the library is imported, so that a
+// library built against another torch (another C++ ABI) is refused instead of loaded.
+extern "C" __attribute__((used, visibility("default"))) const char lora_ext_built_against_torch[] =
+    "LORA_EXT_BUILT_AGAINST_TORCH=" LORA_EXT_TORCH_FULL_VERSION ";";
 
 namespace {
 

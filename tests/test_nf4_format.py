@@ -2,6 +2,10 @@
 
 Every case compares bytes (packed codes, absmax, nested absmax, offset, code
 tables) and dequantized values with ``torch.equal``: no tolerance anywhere.
+Dequantized values are compared with the math (``code[q] * absmax``) and with
+bitsandbytes' default backend, not with its native CPU kernel, which is wrong
+on AVX-512 machines for rows that are not a multiple of the blocksize (see
+tests/bnb_oracle.py and test_bitsandbytes_native_dequantize_discrepancy).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import torch
 
 import lora_ext
 from lora_ext import nf4
+
+from bnb_oracle import default_dequantize_4bit, nf4_math_dequantize
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -26,7 +32,7 @@ SHAPES = [(1, 1), (1, 3), (3, 5), (7, 33), (64, 64), (5, 97), (33, 129), (130, 2
 def _eager_bitsandbytes():
     # bitsandbytes wraps its default dequantize in torch.compile (a recompile per
     # shape); the eager function computes the same values and keeps the suite fast.
-    with torch._dynamo.config.patch(disable=True):
+    with torch._dynamo.config.patch(disable=True), default_dequantize_4bit():
         yield
 
 
@@ -61,9 +67,10 @@ def assert_same_as_bnb(w, blocksize, double_quant, out_dtypes=DTYPES):
         ref = bnb_dequantize(packed, qs, dtype)
         out = lora_ext.dequantize_nf4(q, dtype)
         assert out.dtype == dtype and out.shape == w.shape
-        assert torch.equal(out, ref) or (torch.isnan(out).any() and torch.equal(out.nan_to_num(), ref.nan_to_num())), (
-            f"dequantize differs: {tag} out dtype {dtype}"
-        )
+        for oracle, what in ((ref, "bitsandbytes' default backend"), (nf4_math_dequantize(packed, qs, dtype), "the math")):
+            assert torch.equal(out, oracle) or (
+                torch.isnan(out).any() and torch.equal(out.nan_to_num(), oracle.nan_to_num())
+            ), f"dequantize differs from {what}: {tag} out dtype {dtype}"
     return q
 
 
@@ -246,3 +253,43 @@ def test_dispatched_kernels_equal_pure_pytorch_reference(dtype):
     for out_dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         args = (*q.op_args(), list(q.shape), out_dtype)
         assert torch.equal(torch.ops.lora_ext.nf4_dequantize(*args), nf4.nf4_dequantize_ref(*args))
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_bitsandbytes_native_dequantize_discrepancy(double_quant):
+    """Documents bitsandbytes 0.50's native AVX-512 CPU dequantize: wrong when blocks straddle rows.
+
+    lora_ext equals the math and bitsandbytes' default backend bit for bit; the
+    native kernel (used where torch reports AVX512) is off by up to ~0.04 on a
+    [64, 96] weight with blocksize 64. Skipped where that kernel is not used.
+    """
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("bitsandbytes' native AVX-512 dequantize is not used on this CPU")
+    from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
+
+    if isinstance(lib, ErrorHandlerMockBNBNativeLibrary):
+        pytest.skip("bitsandbytes' native library is not loaded")
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(5))
+    packed, qs = bnb_quantize(w, 64, double_quant)
+    math = nf4_math_dequantize(packed, qs, torch.float32)
+    ours = lora_ext.dequantize_nf4(lora_ext.quantize_nf4(w, 64, double_quant), torch.float32)
+    assert torch.equal(ours, math)
+    import ctypes
+
+    absmax = (F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset) if double_quant else qs.absmax
+    absmax = absmax.float().contiguous()
+    codes = packed.view(torch.uint8).reshape(64, 48).contiguous()
+    native = torch.empty(64, 96)
+    lib.cdequantize_blockwise_cpu_nf4_fp32(  # the kernel bitsandbytes' CPU backend calls (the fixture bypasses it)
+        F.get_ptr(codes),
+        F.get_ptr(absmax),
+        F.get_ptr(native),
+        ctypes.c_longlong(64),
+        ctypes.c_longlong(64),
+        ctypes.c_longlong(96),
+    )
+    err = (native - math).abs().max().item()
+    if err > 0:
+        import warnings
+
+        warnings.warn(f"bitsandbytes' native CPU dequantize_4bit differs from the math by {err:.3g} (known bug)")
