@@ -58,7 +58,7 @@ def model_api():
     if all(hasattr(lx, n) for n in names):
         return tuple(getattr(lx, n) for n in names)
     try:  # the model API modules exist but are not exported from the package yet
-        from lora_ext.config import LoraConfig
+        from lora_ext import LoraConfig
         from lora_ext.model import inject_adapter, merge_and_unload
 
         return LoraConfig, inject_adapter, merge_and_unload

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from . import common
@@ -289,12 +290,32 @@ def goals(rows: list[Row], meta: dict[str, Any]) -> list[list[Any]]:
 # ------------------------------------------------------------------ plots
 
 
-def _plt():
-    import matplotlib
+_PLOTS_UNAVAILABLE: str | None = None  # why matplotlib could not be imported (warned about once)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _plt() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is missing.
+
+    Plots are optional: without matplotlib the CSV, JSON and markdown are still written and
+    one RuntimeWarning per process says the plots were skipped.
+    """
+    global _PLOTS_UNAVAILABLE
+    if _PLOTS_UNAVAILABLE is not None:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        _PLOTS_UNAVAILABLE = str(exc) or type(exc).__name__
+        warnings.warn(
+            f"benchmarks: matplotlib is not importable ({_PLOTS_UNAVAILABLE}); skipping the plots "
+            "(CSV, JSON and report.md are still written)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
     return plt
 
 
@@ -306,6 +327,8 @@ def plot_overhead(rows: list[Row], path: str) -> bool:
     if not groups:
         return False
     plt = _plt()
+    if plt is None:
+        return False
     ncol = len(groups)
     fig, axes = plt.subplots(2, ncol, figsize=(max(5.0, 4.2 * ncol), 7.5), squeeze=False)
     methods = sorted({r["method"] for r in rows if r["method"] != "base"}, key=_order)
@@ -346,6 +369,8 @@ def plot_memory(rows: list[Row], path: str) -> bool:
         largest[key] = max(largest.get(key, 0), r["M"])
     keys = list(largest)
     plt = _plt()
+    if plt is None:
+        return False
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(keys)), 4.5))
     methods = sorted({r["method"] for r in rows}, key=_order)
     width = 0.8 / len(methods)
@@ -373,6 +398,8 @@ def plot_merge(rows: list[Row], path: str) -> bool:
     if not speed and not drift:
         return False
     plt = _plt()
+    if plt is None:
+        return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ax = axes[0]
     shapes = sorted({(r["N"], r["K"], r["r"]) for r in speed})
@@ -413,6 +440,8 @@ def plot_loss(ft: dict[str, Any], path: str) -> bool:
     if not curve:
         return False
     plt = _plt()
+    if plt is None:
+        return False
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(range(1, len(curve) + 1), curve, lw=0.8, alpha=0.5, label="loss per step")
     w = 10

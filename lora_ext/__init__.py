@@ -5,33 +5,47 @@
 which computes the same function at the same rounding points.
 """
 
-from . import integrations
-from ._loader import build_info, extension_loaded
-from .config import LoraConfig
-from .io import load_adapter, save_adapter
-from .layers import LoraEmbedding, LoraLinear
+from . import (
+    integrations,
+    ops,  # loads the compiled library and registers every op, before .model builds on them
+)
 from .model import (
+    LoraConfig,
     active_adapter,
     active_adapters,
     delete_adapter,
     disable_adapters,
     inject_adapter,
+    load_adapter,
     merge_adapter,
     merge_and_unload,
     print_trainable_parameters,
+    save_adapter,
     set_adapter,
     trainable_parameters,
     unload,
     unmerge_adapter,
 )
-from .nf4 import NF4Weight, dequantize_nf4, lora_linear_nf4, quantize_nf4
-from .ops import STRATEGIES, dropout_mask, lora_linear, merge_, merged_weight, strategy_plan, unmerge_
-from .qlora import LinearNF4, LoraLinearNF4, memory_report, quantize_model
+from .nn import LoraEmbedding, LoraLinear, LoraLinearNF4
+from .ops import (
+    STRATEGIES,
+    build_info,
+    dropout_mask,
+    extension_loaded,
+    lora_linear,
+    lora_linear_nf4,
+    merge_,
+    merged_weight,
+    strategy_plan,
+    unmerge_,
+)
+from .quant.linear import LinearNF4, memory_report, quantize_model
+from .quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
 __version__ = "0.1.0"
 
 __all__ = [
-    # fused ops (issue 2)
+    # fused ops
     "STRATEGIES",
     "build_info",
     "dropout_mask",
@@ -39,9 +53,10 @@ __all__ = [
     "lora_linear",
     "merge_",
     "merged_weight",
+    "ops",
     "strategy_plan",
     "unmerge_",
-    # model API (issue 4)
+    # model API
     "LoraConfig",
     "LoraEmbedding",
     "LoraLinear",
@@ -60,7 +75,7 @@ __all__ = [
     "trainable_parameters",
     "unload",
     "unmerge_adapter",
-    # QLoRA (issue 6)
+    # QLoRA
     "LinearNF4",
     "LoraLinearNF4",
     "NF4Weight",

@@ -61,7 +61,9 @@ def nf4_math_dequantize(packed: torch.Tensor, qs, dtype: torch.dtype) -> torch.T
     absmax = qs.absmax
     if qs.nested:
         nested = qs.state2
-        scales = nested.code[absmax.to(torch.int64)] * nested.absmax.repeat_interleave(nested.blocksize)[: absmax.numel()]
+        scales = (
+            nested.code[absmax.to(torch.int64)] * nested.absmax.repeat_interleave(nested.blocksize)[: absmax.numel()]
+        )
         absmax = scales + qs.offset
     block = torch.arange(n) // qs.blocksize
     return (code[q] * absmax.float()[block]).reshape(qs.shape).to(dtype)

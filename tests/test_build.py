@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lora_ext
-from lora_ext import _loader
+from lora_ext.ops import _loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,17 +41,21 @@ def test_marker_reader_reads_the_real_library():
     assert _loader.built_against_torch(lora_ext.build_info()["library_path"]) == torch.__version__
 
 
-def _import_copy(tmp_path, marker: bytes | None) -> subprocess.CompletedProcess:
-    """Import a copy of the package whose _C file carries `marker` (None: no marker at all)."""
+def _import_copy(tmp_path, library: bytes | None) -> subprocess.CompletedProcess:
+    """Import a copy of the package whose _C file holds ``library`` (None: no _C file at all).
+
+    The subprocess checks that exactly one lora_ext warning is raised, prints it,
+    and checks that the fallback computes lora_linear.
+    """
     shutil.copytree(
         os.path.join(ROOT, "lora_ext"), tmp_path / "lora_ext", ignore=shutil.ignore_patterns("*.so", "__pycache__")
     )
-    fake = tmp_path / "lora_ext" / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])
-    # Not a loadable library at all: if the loader tried to import it, the import would fail differently.
-    fake.write_bytes(b"\x7fELF not really a library " + (marker or b"") + b"\x00 tail")
+    if library is not None:
+        (tmp_path / "lora_ext" / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(library)
     script = textwrap.dedent(
         """
         import importlib.util, os, sys, warnings, torch
+        # load the copy; an editable install's finder would map lora_ext.* back to the tree
         sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
         pkg = os.path.join(os.getcwd(), "lora_ext")
         spec = importlib.util.spec_from_file_location(
@@ -62,6 +66,7 @@ def _import_copy(tmp_path, marker: bytes | None) -> subprocess.CompletedProcess:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             spec.loader.exec_module(lora_ext)
+        assert lora_ext.__file__.startswith(pkg), lora_ext.__file__
         msgs = [str(w.message) for w in caught if "lora_ext" in str(w.message)]
         assert len(msgs) == 1, msgs
         print(msgs[0])
@@ -77,8 +82,20 @@ def _import_copy(tmp_path, marker: bytes | None) -> subprocess.CompletedProcess:
     )
 
 
+# Not loadable libraries at all: had the loader tried to import one, the import would fail differently.
+def _fake_library(marker: bytes) -> bytes:
+    return b"\x7fELF not really a library " + marker + b"\x00 tail"
+
+
+def test_import_without_compiled_library_warns_once_and_falls_back(tmp_path):
+    out = _import_copy(tmp_path, None)
+    assert out.returncode == 0, out.stderr
+    assert "could not be loaded" in out.stdout.splitlines()[0], out.stdout
+    assert out.stdout.strip().endswith("fallback ok")
+
+
 def test_library_built_against_other_torch_is_refused(tmp_path):
-    out = _import_copy(tmp_path, b"LORA_EXT_BUILT_AGAINST_TORCH=1.99.0+other;")
+    out = _import_copy(tmp_path, _fake_library(b"LORA_EXT_BUILT_AGAINST_TORCH=1.99.0+other;"))
     assert out.returncode == 0, out.stderr
     first = out.stdout.splitlines()[0]
     assert "built against torch 1.99.0+other" in first and f"torch {torch.__version__} is running" in first, first
@@ -86,6 +103,6 @@ def test_library_built_against_other_torch_is_refused(tmp_path):
 
 
 def test_library_without_version_marker_is_refused(tmp_path):
-    out = _import_copy(tmp_path, None)
+    out = _import_copy(tmp_path, _fake_library(b""))
     assert out.returncode == 0, out.stderr
     assert "no version marker" in out.stdout, out.stdout

@@ -1,4 +1,4 @@
-"""CUDA kernels: every op, dtype and odd shape against a float64 reference (DESIGN.md §4),
+"""CUDA kernels: every op, dtype and odd shape against a float64 reference (docs/design.md §4),
 against the CPU path, and under the dispatcher tools (opcheck, gradcheck, torch.compile).
 
 Skipped as a whole without a GPU or without compiled CUDA kernels.
@@ -11,7 +11,7 @@ import torch
 from conftest import ATOL, assert_rule, make_inputs, max_err, torch_lora
 
 import lora_ext
-from lora_ext import _reference
+from lora_ext.ops import reference as _reference
 
 _INFO = lora_ext.build_info()
 _SKIP_REASON = (
@@ -42,11 +42,42 @@ def _cuda(ts):
     return [t.to(DEV) if t is not None else None for t in ts]
 
 
+_SMALL_BLOCK = 1 << 20  # the caching allocator serves requests up to 1 MiB from its small pool
+
+
 def _poison_cache():
     """Leave NaN in the caching allocator's free blocks so an output element the
-    kernels forget to write shows up as NaN (DESIGN.md §4: every element written)."""
+    kernels forget to write shows up as NaN (docs/design.md §4: every element written).
+
+    Both pools: a 256 MiB NaN tensor leaves a poisoned block in the large pool
+    (requests > 1 MiB), but the small outputs of most tests come from the small
+    pool (2 MiB segments cut into blocks <= 1 MiB), which no large allocation
+    touches. So every free block, read from the allocator's snapshot, is taken
+    with a request of exactly its size (best fit hands back that very block),
+    filled with 0xFF bytes (NaN in fp32, fp16, bf16 and fp64 alike) and released."""
     junk = torch.full((64 << 20,), float("nan"), dtype=torch.float32, device=DEV)
     del junk
+    device, stream = torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream
+    held = []
+    for _ in range(4):  # a request can split a larger free block or open a new segment: take what is left too
+        sizes = []
+        for seg in torch.cuda.memory_snapshot():
+            # only blocks this stream's allocations can get (not another stream's, nor a CUDA graph's pool)
+            if (seg.get("device", device), seg.get("stream", 0)) != (device, stream):
+                continue
+            if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0):
+                continue
+            small = seg.get("segment_type") == "small"
+            for block in seg["blocks"]:
+                size = block["size"] if block["state"] == "inactive" else 0
+                if small:  # a wholly free 2 MiB segment is taken as two 1 MiB blocks
+                    sizes += [min(_SMALL_BLOCK, size - at) for at in range(0, size, _SMALL_BLOCK)]
+                elif size > _SMALL_BLOCK:  # large-pool remainders <= 1 MiB never serve a large request
+                    sizes.append(size)
+        if not sizes:
+            break
+        held += [torch.empty(n, dtype=torch.uint8, device=DEV).fill_(0xFF) for n in sorted(sizes, reverse=True)]
+    del held
 
 
 def _grads(fn, inputs, grad):
@@ -62,7 +93,7 @@ def torch_merged_lora(x, weight, lora_A, lora_B, scale, bias=None):
 
 
 def assert_rule_any(name, out, ref64, plains, dtype):
-    """DESIGN.md §4 with the yardstick the larger error of the given plain-PyTorch computations."""
+    """docs/design.md §4 with the yardstick the larger error of the given plain-PyTorch computations."""
     if out.numel() == 0:  # M = 0 and friends: nothing to measure, only the metadata
         assert out.shape == ref64.shape and out.dtype == plains[0].dtype, name
         return

@@ -4,17 +4,15 @@ schema agreement between C++ and the Python fallback, and the loader's guarantee
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 from conftest import make_inputs
 
 import lora_ext
-from lora_ext import _ops
+from lora_ext.ops import _library
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,13 +134,15 @@ def test_torch_compile_merge_inplace_under_compile():
 
 @pytest.mark.skipif(not lora_ext.extension_loaded(), reason="compares the C++ schemas with the Python mirror")
 def test_python_schema_mirror_matches_cpp():
-    for name, schema in _ops.SCHEMAS.items():
+    schemas = _library.schemas()
+    assert len(schemas) >= 10, sorted(schemas)  # the dense and the NF4 family
+    for name, schema in schemas.items():
         registered = str(getattr(torch.ops.lora_ext, name).default._schema)
         assert registered == f"lora_ext::{name}{schema}", f"{name}: C++ has {registered}"
 
 
 def test_compiled_kernels_serve_cpu_when_loaded():
-    keys = _ops.fallback_dispatch_keys("lora_linear")
+    keys = _library.fallback_dispatch_keys("lora_linear")
     if lora_ext.extension_loaded():
         assert "CPU" not in keys
         assert ("CUDA" in keys) != lora_ext.build_info()["cuda"]
@@ -173,40 +173,6 @@ def test_ci_requires_compiled_extension():
     if os.environ.get("LORA_EXT_REQUIRE_EXTENSION") != "1":
         pytest.skip("LORA_EXT_REQUIRE_EXTENSION not set")
     assert lora_ext.extension_loaded(), lora_ext.build_info()["load_error"]
-
-
-def test_import_without_compiled_library_warns_once_and_falls_back(tmp_path):
-    shutil.copytree(
-        os.path.join(ROOT, "lora_ext"), tmp_path / "lora_ext", ignore=shutil.ignore_patterns("*.so", "__pycache__")
-    )
-    script = textwrap.dedent(
-        """
-        import importlib.util, os, sys, warnings, torch
-        # load the copy without _C*.so; an editable install's finder would map lora_ext.* back to the tree
-        sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
-        pkg = os.path.join(os.getcwd(), "lora_ext")
-        spec = importlib.util.spec_from_file_location(
-            "lora_ext", os.path.join(pkg, "__init__.py"), submodule_search_locations=[pkg]
-        )
-        lora_ext = importlib.util.module_from_spec(spec)
-        sys.modules["lora_ext"] = lora_ext
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            spec.loader.exec_module(lora_ext)
-        assert lora_ext.__file__.startswith(pkg), lora_ext.__file__
-        msgs = [str(w.message) for w in caught if "lora_ext" in str(w.message)]
-        assert len(msgs) == 1 and "could not be loaded" in msgs[0], msgs
-        assert not lora_ext.extension_loaded()
-        x, w, a, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(2, 4), torch.randn(5, 2)
-        torch.testing.assert_close(lora_ext.lora_linear(x, w, a, b, 2.0), x @ w.t() + 2.0 * (x @ a.t()) @ b.t())
-        print("ok")
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "LORA_EXT_DISABLE_EXTENSION"}
-    out = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
 
 
 def test_disable_env_forces_fallback(tmp_path):

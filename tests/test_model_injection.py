@@ -8,7 +8,7 @@ from model_helpers import LLAMA_TARGETS, inject, llama_ids, tiny_llama
 from torch import nn
 
 import lora_ext
-from lora_ext.layers import ModulesToSaveWrapper
+from lora_ext.nn import ModulesToSaveWrapper
 
 
 def _lora_names(model):

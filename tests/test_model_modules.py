@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_ext
-from lora_ext import layers as lora_layers
+from lora_ext.nn import layers as lora_layers
 
 
 def _linear(k=24, n=20, bias=True, dtype=torch.float32, seed=0):

@@ -177,7 +177,7 @@ def test_merge_and_unload_matches_peft():
 
 
 def _spy_fused(monkeypatch):
-    from lora_ext import layers
+    from lora_ext.nn import layers
 
     calls = []
     real = layers.ops.lora_linear

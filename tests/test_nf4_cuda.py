@@ -1,5 +1,5 @@
 """NF4 on CUDA: the dequantize kernel and the fused QLoRA ops against the CPU
-results (bit-exact for dequantization, DESIGN.md §4 rule for the LoRA op).
+results (bit-exact for dequantization, docs/design.md §4 rule for the LoRA op).
 Skipped cleanly without a GPU or without the compiled CUDA kernels."""
 
 from __future__ import annotations

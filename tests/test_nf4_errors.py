@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lora_ext
-from lora_ext.qlora import LinearNF4
+from lora_ext import LinearNF4
 
 
 @pytest.mark.parametrize("blocksize", [0, 16, 48, 100, 8192, -64, True, 64.0, "64"])

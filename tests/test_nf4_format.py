@@ -11,14 +11,15 @@ tests/bnb_oracle.py and test_bitsandbytes_native_dequantize_discrepancy).
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
+from bnb_oracle import default_dequantize_4bit, nf4_math_dequantize
 
 import lora_ext
-from lora_ext import nf4
-
-from bnb_oracle import default_dequantize_4bit, nf4_math_dequantize
+from lora_ext.ops import reference
+from lora_ext.quant import nf4
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -67,7 +68,10 @@ def assert_same_as_bnb(w, blocksize, double_quant, out_dtypes=DTYPES):
         ref = bnb_dequantize(packed, qs, dtype)
         out = lora_ext.dequantize_nf4(q, dtype)
         assert out.dtype == dtype and out.shape == w.shape
-        for oracle, what in ((ref, "bitsandbytes' default backend"), (nf4_math_dequantize(packed, qs, dtype), "the math")):
+        for oracle, what in (
+            (ref, "bitsandbytes' default backend"),
+            (nf4_math_dequantize(packed, qs, dtype), "the math"),
+        ):
             assert torch.equal(out, oracle) or (
                 torch.isnan(out).any() and torch.equal(out.nan_to_num(), oracle.nan_to_num())
             ), f"dequantize differs from {what}: {tag} out dtype {dtype}"
@@ -243,16 +247,16 @@ def test_dispatched_kernels_equal_pure_pytorch_reference(dtype):
     w = (torch.randn(37, 301, generator=g) * 0.05).to(dtype)
     for bs in (32, 64, 4096):
         p, am = torch.ops.lora_ext.nf4_quantize(w, bs)
-        p_ref, am_ref = nf4.nf4_quantize_ref(w, bs)
+        p_ref, am_ref = reference.nf4_quantize(w, bs)
         assert torch.equal(p, p_ref) and torch.equal(am, am_ref)
     x = torch.randn(5000, generator=g)
     q8, a8 = torch.ops.lora_ext.blockwise_quantize_8bit(x, nf4.dynamic_map(), 256)
-    q8_ref, a8_ref = nf4.blockwise_quantize_8bit_ref(x, nf4.dynamic_map(), 256)
+    q8_ref, a8_ref = reference.blockwise_quantize_8bit(x, nf4.dynamic_map(), 256)
     assert torch.equal(q8, q8_ref) and torch.equal(a8, a8_ref)
     q = lora_ext.quantize_nf4(w, 64, True)
     for out_dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         args = (*q.op_args(), list(q.shape), out_dtype)
-        assert torch.equal(torch.ops.lora_ext.nf4_dequantize(*args), nf4.nf4_dequantize_ref(*args))
+        assert torch.equal(torch.ops.lora_ext.nf4_dequantize(*args), reference.nf4_dequantize(*args))
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
@@ -290,6 +294,6 @@ def test_bitsandbytes_native_dequantize_discrepancy(double_quant):
     )
     err = (native - math).abs().max().item()
     if err > 0:
-        import warnings
-
-        warnings.warn(f"bitsandbytes' native CPU dequantize_4bit differs from the math by {err:.3g} (known bug)")
+        warnings.warn(
+            f"bitsandbytes' native CPU dequantize_4bit differs from the math by {err:.3g} (known bug)", stacklevel=1
+        )

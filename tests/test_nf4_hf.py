@@ -14,10 +14,11 @@ import os
 
 import pytest
 import torch
+from bnb_oracle import default_dequantize_4bit
+from model_helpers import llama_config
 
 import lora_ext
-from bnb_oracle import default_dequantize_4bit
-from lora_ext.qlora import LinearNF4, LoraLinearNF4
+from lora_ext import LinearNF4, LoraLinearNF4
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
@@ -36,16 +37,7 @@ def _bnb_default_dequantize():
 
 
 def _config():
-    return transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    return llama_config("test-nf4")  # hidden 64, FFN 96 (down_proj rows not a blocksize multiple), 2 layers
 
 
 def _bnb_config():

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lora_ext
-from lora_ext.qlora import LinearNF4, LoraLinearNF4
+from lora_ext import LinearNF4, LoraLinearNF4
 
 
 class Tiny(nn.Module):

@@ -86,7 +86,7 @@ def test_dropout_mask_statistics():
 
 
 def test_dropout_mask_compiled_equals_reference():
-    from lora_ext import _reference
+    from lora_ext.ops import reference as _reference
 
     for seed in [0, 1, -1, 2**40 + 7, -(2**62)]:
         s = torch.tensor(seed, dtype=torch.int64)

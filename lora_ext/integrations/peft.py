@@ -24,7 +24,7 @@ from typing import Any
 from peft.tuners.lora import layer as _peft_lora
 from torch import Tensor, nn
 
-from ..layers import base_layer_is_hooked, lora_linear_multi
+from ..nn.layers import base_layer_is_hooked, lora_linear_multi
 
 __all__ = ["FusedLoraLinear", "accelerate"]
 

@@ -1,9 +1,10 @@
 """Model-level API: inject LoRA into any ``nn.Module``, manage adapters, merge and unload.
 
 The model stays a plain ``nn.Module`` (any training loop, the Hugging Face
-Trainer included). Matching ``nn.Linear``/``nn.Embedding`` children are replaced
-in place by :class:`LoraLinear`/:class:`LoraEmbedding`; the per-model adapter
-registry lives in one attribute, ``model._lora_ext_state``.
+Trainer included). Matching children (lora_ext/targets.py) are replaced in
+place by the LoRA layer the table of lora_ext/nn/dispatch.py names for their
+type; the per-model adapter registry lives in one attribute,
+``model._lora_ext_state``.
 
 Every public function validates everything before it mutates anything, so a
 bad call raises and leaves the model as it was.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import ALL_LINEAR, LoraConfig
-from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper
-from .qlora import LinearNF4, LoraLinearNF4
+from .. import targets as _targets
+from ..nn.dispatch import kind_of, wrap
+from ..nn.layers import LoraLayer, ModulesToSaveWrapper
+from .config import LoraConfig
 
 __all__ = [
     "active_adapter",
@@ -51,6 +52,18 @@ class LoraState:
 
     configs: dict[str, LoraConfig] = field(default_factory=dict)
     active: tuple[str, ...] = ()
+    hook: Any = None  # the forward pre-hook that refuses adapter_names (removed by unload)
+
+
+def _refuse_adapter_names(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    # PEFT routes rows to adapters with model(..., adapter_names=[...]); this model would
+    # pass the keyword on and ignore it, giving every row the active adapter: refuse it.
+    if kwargs.get("adapter_names") is not None:
+        raise ValueError(
+            "lora_ext: adapter_names (one adapter per row, PEFT's mixed-adapter batches) is not supported yet; "
+            "every row would silently get the active adapter. Run one batch per adapter with "
+            "lora_ext.set_adapter(model, name)"
+        )
 
 
 @dataclass
@@ -62,17 +75,11 @@ class _Target:
 
     @property
     def kind(self) -> str:
-        base = self.module.base_layer if isinstance(self.module, LoraLayer) else self.module
-        return "embedding" if isinstance(base, nn.Embedding) else "linear"
+        return kind_of(self.module).name
 
     def factor_shapes(self) -> dict[str, tuple[int, int]]:
         """Expected shapes of the adapter tensors, by PEFT key suffix."""
-        m = self.module
-        if isinstance(m, LoraLayer):
-            m = m.base_layer
-        if isinstance(m, nn.Embedding):
-            return {"lora_embedding_A": (self.r, m.num_embeddings), "lora_embedding_B": (m.embedding_dim, self.r)}
-        return {"lora_A.weight": (self.r, m.in_features), "lora_B.weight": (m.out_features, self.r)}
+        return kind_of(self.module).shapes(self.module, self.r)
 
 
 # ----------------------------------------------------------------------- helpers
@@ -144,142 +151,6 @@ def _adapter_dtype(base: nn.Module, autocast_adapter_dtype: bool) -> torch.dtype
     return dtype
 
 
-# --------------------------------------------------------------- target matching
-
-
-def _layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None:
-    # PEFT's rule: the first ".<name>.<int>." segment, or the one after a given layers_pattern.
-    if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-    else:
-        match = None
-        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-            if match is not None:
-                break
-    return int(match.group("idx")) if match else None
-
-
-def _in_modules_to_save(config: LoraConfig, key: str) -> bool:
-    return bool(config.modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save)
-
-
-def _output_head_name(root: nn.Module, candidates: list[tuple[str, nn.Module]]) -> str | None:
-    get = getattr(root, "get_output_embeddings", None)
-    if not callable(get):
-        return None
-    try:
-        head = get()
-    except Exception:  # noqa: BLE001 - a model without a head may raise anything here
-        return None
-    if head is None:
-        return None
-    for name, module in candidates:
-        if module is head or (isinstance(module, LoraLayer) and module.base_layer is head):
-            return name
-    return None
-
-
-def _is_linear(module: nn.Module) -> bool:
-    if isinstance(module, LoraLayer):
-        return isinstance(module, LoraLinear)
-    return isinstance(module, (nn.Linear, LinearNF4))
-
-
-def _resolve_targets(root: nn.Module, config: LoraConfig, strict: bool) -> tuple[list[tuple[str, nn.Module]], Any]:
-    """Modules matched by ``config.target_modules`` (before the type check) and the resolved target_modules."""
-    candidates = list(_walk(root))
-    tm = config.target_modules
-    mha_children = {
-        f"{n}.out_proj" if n else "out_proj" for n, m in root.named_modules() if isinstance(m, nn.MultiheadAttention)
-    }
-    all_linear = isinstance(tm, str) and tm.lower() == ALL_LINEAR
-    if all_linear:
-        head = _output_head_name(root, candidates)
-        tm = sorted(n for n, m in candidates if _is_linear(m) and n != head and n not in mha_children)
-        if not tm:
-            raise ValueError("lora_ext: target_modules='all-linear' but the model has no nn.Linear layer to adapt")
-
-    matched: list[tuple[str, nn.Module]] = []
-    entry_hits: dict[str, int] = {t: 0 for t in tm} if isinstance(tm, list) else {}
-    for key, module in candidates:
-        if _in_modules_to_save(config, key):
-            continue
-        if isinstance(tm, str):
-            found = re.fullmatch(tm, key) is not None
-        elif key in tm:
-            entry_hits[key] += 1
-            found = True
-            if all_linear and config.layers_to_transform is not None:
-                found = _layer_ok(config, key)
-        else:
-            hits = [t for t in tm if key.endswith("." + t)]
-            for t in hits:
-                entry_hits[t] += 1
-            found = bool(hits) and _layer_ok(config, key)
-        if found:
-            matched.append((key, module))
-
-    unmatched = [t for t, c in entry_hits.items() if c == 0]
-    if strict and unmatched and not all_linear:
-        raise ValueError(
-            f"lora_ext: target_modules entries {unmatched} match no module of the model "
-            f"(module names look like {[n for n, _ in candidates[:6]]} ...)"
-        )
-    if not matched:
-        raise ValueError(
-            f"lora_ext: target_modules={config.target_modules!r} (layers_to_transform="
-            f"{config.layers_to_transform!r}) matches no module of the model"
-        )
-    for key, module in matched:
-        ok = isinstance(module, (nn.Linear, nn.Embedding, LoraLinear, LoraEmbedding, LinearNF4))
-        if ok and key in mha_children:
-            raise ValueError(
-                f"lora_ext: target {key!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
-                "directly; LoRA on it would be ignored"
-            )
-        if isinstance(module, (nn.Linear, nn.Embedding)) and not module.weight.is_floating_point():
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"lora_ext: target {key!r} is a {type(module).__name__}; only nn.Linear and nn.Embedding "
-                "(with floating-point weights) can be adapted"
-            )
-    return matched, tm
-
-
-def _layer_ok(config: LoraConfig, key: str) -> bool:
-    wanted = config.layers_to_transform
-    if wanted is None or (isinstance(wanted, list) and not wanted):
-        return True
-    idx = _layer_index(key, config.layers_pattern)
-    if idx is None:
-        return False
-    return idx == wanted if isinstance(wanted, int) else idx in wanted
-
-
-def _resolve_modules_to_save(root: nn.Module, config: LoraConfig, targets: set[str]) -> list[tuple[str, nn.Module]]:
-    if not config.modules_to_save:
-        return []
-    found: list[tuple[str, nn.Module]] = []
-    hits = {m: 0 for m in config.modules_to_save}
-    for key, module in _walk(root):
-        ends = [m for m in config.modules_to_save if key.endswith(m)]  # PEFT: plain suffix match
-        if not ends:
-            continue
-        if any(key.startswith(f"{f}.") for f, _ in found):
-            continue  # inside a module already selected
-        for m in ends:
-            hits[m] += 1
-        if key in targets:
-            raise ValueError(f"lora_ext: {key!r} is both a LoRA target and in modules_to_save")
-        found.append((key, module))
-    missing = [m for m, c in hits.items() if c == 0]
-    if missing:
-        raise ValueError(f"lora_ext: modules_to_save entries {missing} match no module of the model")
-    return found
-
-
 def _as_lora_config(config: Any) -> LoraConfig:
     if isinstance(config, LoraConfig):
         config.validate()
@@ -343,12 +214,13 @@ def _inject(
     if state is not None and any(layer.disabled for _, layer in lora_layers(root)):
         raise ValueError("lora_ext: cannot add an adapter inside disable_adapters()")
 
-    matched, resolved_tm = _resolve_targets(root, config, strict)
+    candidates = list(_walk(root))
+    matched, resolved_tm = _targets.resolve_targets(root, candidates, config, strict, kind_of)
     targets = []
     for name, module in matched:
         r, alpha = config.rank_and_alpha(name)
         targets.append(_Target(name, module, r, alpha))
-    mts = _resolve_modules_to_save(root, config, {t.name for t in targets})
+    mts = _targets.resolve_modules_to_save(candidates, config, {t.name for t in targets})
     if weights is not None:
         _check_weights(targets, weights)
     if module_weights is not None:
@@ -364,10 +236,7 @@ def _inject(
     for t in targets:
         layer = t.module
         if not isinstance(layer, LoraLayer):
-            if isinstance(layer, LinearNF4):
-                layer = LoraLinearNF4(layer)
-            else:
-                layer = LoraEmbedding(layer) if isinstance(layer, nn.Embedding) else LoraLinear(layer)
+            layer = wrap(layer)
             layer.train(t.module.training)  # a model in eval mode stays in eval mode (no dropout)
             layer.set_active(active)
             _set_child(root, t.name, layer)
@@ -396,8 +265,8 @@ def _inject(
     state.configs[adapter_name] = stored
     if first:
         setattr(root, _STATE_ATTR, state)
-    if first:
         state.active = (adapter_name,)
+        state.hook = root.register_forward_pre_hook(_refuse_adapter_names, with_kwargs=True)
     _apply_active(root, state.active)
     if adapter_name in state.active:
         _apply_bias_option(root, config, adapter_name)
@@ -540,7 +409,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             _set_child(root, name, base)
     del state.configs[adapter_name]
     if not state.configs:
-        delattr(root, _STATE_ATTR)
+        _drop_state(root)
         return
     if adapter_name in state.active:
         remaining = tuple(a for a in state.active if a != adapter_name)
@@ -658,8 +527,15 @@ def _unload(root: nn.Module, model: nn.Module) -> nn.Module:
             _set_child(root, name, module.base_layer)
         else:
             _set_child(root, name, module.active_module())
-    delattr(root, _STATE_ATTR)
+    _drop_state(root)
     return model
+
+
+def _drop_state(root: nn.Module) -> None:
+    state = getattr(root, _STATE_ATTR)
+    if state.hook is not None:
+        state.hook.remove()
+    delattr(root, _STATE_ATTR)
 
 
 # ------------------------------------------------------------------ statistics

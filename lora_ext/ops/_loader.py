@@ -3,7 +3,7 @@
 Importing ``_C`` runs its static initialisers, which register the op schemas
 (TORCH_LIBRARY) and the CPU/CUDA kernels with the PyTorch dispatcher. When the
 library is missing, was built against another torch, or is disabled with
-``LORA_EXT_DISABLE_EXTENSION=1``, the registry (:mod:`lora_ext._ops`) defines
+``LORA_EXT_DISABLE_EXTENSION=1``, the registry (:mod:`lora_ext.ops._library`) defines
 the same schemas from Python and serves every device with the pure-PyTorch
 implementation.
 
@@ -31,13 +31,18 @@ _library_path: str | None = None
 _built_against: str | None = None
 
 DISABLED_BY_ENV = os.environ.get("LORA_EXT_DISABLE_EXTENSION", "").strip().lower() not in ("", "0", "false", "no")
-_MARKER = re.compile(rb"LORA_EXT_BUILT_AGAINST_TORCH=([^;\x00]{1,64});")
+_LIBRARY = "lora_ext._C"  # built by setup.py from csrc/
+_MARKER = b"LORA_EXT_BUILT_AGAINST_TORCH="
+_VERSION = re.compile(rb"([^;\x00]{1,64});")
 
 
 def built_against_torch(path: str) -> str | None:
     """The torch version the compiled library at ``path`` was built against (None if it carries no marker)."""
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        found = _MARKER.search(mm)
+        at = mm.find(_MARKER)
+        if at < 0:
+            return None
+        found = _VERSION.match(mm[at + len(_MARKER) : at + len(_MARKER) + 65])
     return found.group(1).decode("ascii", "replace") if found else None
 
 
@@ -52,9 +57,9 @@ def _warn(message: str) -> None:
 
 def _load() -> None:
     global _C, _load_error, _library_path, _built_against
-    spec = importlib.util.find_spec(f"{__package__}._C")
+    spec = importlib.util.find_spec(_LIBRARY)
     if spec is None or not spec.origin:
-        _load_error = f"ImportError: no compiled library ({__package__}/_C*.so) next to the package"
+        _load_error = "ImportError: no compiled library (lora_ext/_C*.so) in the package"
         _warn(f"the compiled extension could not be loaded ({_load_error})")
         return
     _library_path = spec.origin
@@ -72,7 +77,7 @@ def _load() -> None:
         _warn(f"the compiled extension was not loaded: {_load_error}")
         return
     try:
-        from . import _C as compiled  # type: ignore[attr-defined]
+        compiled = importlib.import_module(_LIBRARY)
     except (ImportError, OSError) as exc:  # undefined symbol, missing CUDA runtime, ...
         _load_error = f"{type(exc).__name__}: {exc}"
         _warn(f"the compiled extension could not be loaded ({_load_error})")

@@ -1,8 +1,11 @@
-"""Input validation with messages that name the tensor and show the shapes.
+"""The validation contract: input checks with messages that name the tensor and show the shapes.
 
-Used by the public wrappers (lora_ext/ops.py) and by the pure-PyTorch kernels
-(lora_ext/_reference.py), so a bad call gets the same clear error on every
-path; the compiled kernels run the same checks in C++ (csrc/checks.h).
+Used by the public functions (lora_ext/ops/functional.py) and by the
+pure-PyTorch kernels (lora_ext/ops/reference.py), so a bad call gets the same
+clear error on every path; the compiled kernels run the same checks in C++
+(csrc/host/checks.h). Exception classes: ValueError for shapes and values,
+TypeError for dtypes, devices and wrong argument types, on every path
+(``TORCH_CHECK_VALUE`` / ``TORCH_CHECK_TYPE`` in C++).
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import torch
 from torch import Tensor
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+#: Block sizes bitsandbytes accepts for 4-bit quantization.
+SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 def _shape(t: Tensor) -> str:
@@ -145,3 +151,58 @@ def check_grad_out(grad_out: Tensor, x: Tensor, weight: Tensor) -> None:
     if grad_out.dim() != 2 or tuple(grad_out.shape) != expected:
         raise ValueError(f"lora_ext: grad_out must be [M, N] = {list(expected)}, got shape {_shape(grad_out)}")
     _check_same(x, "x", grad_out, "grad_out")
+
+
+# --------------------------------------------------------------------- NF4 storage
+
+
+def check_nf4_storage(storage, shape) -> None:
+    """The NF4 storage (an ``NF4Args``) is self-consistent for ``shape``; raises ValueError/TypeError naming the tensor."""
+    packed, absmax, nested_absmax, nested_code = (
+        storage.packed,
+        storage.absmax,
+        storage.nested_absmax,
+        storage.nested_code,
+    )
+    blocksize, nested_blocksize = storage.blocksize, storage.nested_blocksize
+    if blocksize not in SUPPORTED_BLOCKSIZES:
+        raise ValueError(f"lora_ext: NF4 blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {blocksize}")
+    if len(shape) != 2 or any(int(s) <= 0 for s in shape):
+        raise ValueError(f"lora_ext: NF4 weight shape must be 2-D [N, K] with N, K > 0, got {list(shape)}")
+    n = math.prod(shape)
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"lora_ext: packed NF4 data must be uint8, got {packed.dtype}")
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(
+            f"lora_ext: packed NF4 data of a {list(shape)} weight must hold (N*K+1)//2 = {(n + 1) // 2} bytes, "
+            f"got {packed.numel()} (shape {list(packed.shape)})"
+        )
+    blocks = -(-n // blocksize)
+    if absmax.numel() != blocks:
+        raise ValueError(
+            f"lora_ext: absmax must hold ceil(N*K/blocksize) = {blocks} block scales for a {list(shape)} weight "
+            f"with blocksize {blocksize}, got {absmax.numel()}"
+        )
+    if absmax.device != packed.device:
+        raise ValueError(f"lora_ext: absmax is on {absmax.device} but packed is on {packed.device}")
+    if nested_absmax is None:
+        if absmax.dtype != torch.float32:
+            raise TypeError(f"lora_ext: absmax must be float32 without double quantization, got {absmax.dtype}")
+        if nested_code is not None:
+            raise ValueError("lora_ext: nested_code given without nested_absmax")
+        return
+    if absmax.dtype != torch.uint8:
+        raise TypeError(f"lora_ext: double-quantized absmax must be uint8 codes, got {absmax.dtype}")
+    if nested_code is None or nested_code.dtype != torch.float32 or nested_code.numel() != 256:
+        raise ValueError("lora_ext: double quantization needs nested_code, a float32 tensor of 256 values")
+    if nested_blocksize <= 0:
+        raise ValueError(f"lora_ext: nested_blocksize must be positive, got {nested_blocksize}")
+    nested_blocks = -(-blocks // nested_blocksize)
+    if nested_absmax.dtype != torch.float32 or nested_absmax.numel() != nested_blocks:
+        raise ValueError(
+            f"lora_ext: nested_absmax must be float32 with ceil({blocks}/{nested_blocksize}) = {nested_blocks} "
+            f"values, got {nested_absmax.dtype} with {nested_absmax.numel()}"
+        )
+    for t, name in ((nested_absmax, "nested_absmax"), (nested_code, "nested_code")):
+        if t.device != packed.device:
+            raise ValueError(f"lora_ext: {name} is on {t.device} but packed is on {packed.device}")

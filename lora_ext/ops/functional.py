@@ -1,6 +1,9 @@
-"""Public functional API: the fused LoRA linear and the in-place merge/unmerge.
+"""Public functional API: the fused LoRA linear (dense or NF4 base), the in-place
+merge/unmerge, the dropout mask and the strategy the cost model picks.
 
 Shapes: x [..., K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N].
+Each function validates its arguments once (lora_ext/ops/checks.py) and calls
+one op of the dispatcher (torch.ops.lora_ext.*).
 """
 
 from __future__ import annotations
@@ -8,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _ops  # noqa: F401  (registers the ops with the dispatcher)
-from ._checks import check_adapter, check_lora_linear_args, check_scale
-from .nf4 import NF4Weight, lora_linear_nf4
+from ..quant.nf4 import NF4Weight
+from . import _loader
+from .checks import check_adapter, check_lora_linear_args, check_scale
 
 STRATEGIES: dict[str, int] = {"auto": 0, "shrink_expand": 1, "merge": 2}
 
@@ -40,14 +43,14 @@ def lora_linear(
             ``F.dropout(x, p, training=True)``; 0 disables it. The mask is
             drawn from the device's default generator (``torch.manual_seed``
             reproduces it) and regenerated in backward, never stored.
-        strategy: ``"auto"`` (cost model, see csrc/strategy.h),
+        strategy: ``"auto"`` (cost model, docs/design.md §2),
             ``"shrink_expand"`` or ``"merge"`` (merge the adapter into a
             transient weight; ignored when dropout is on).
 
     Returns:
         ``[..., N]`` in x's dtype. Differentiable in x, weight, bias, lora_A, lora_B.
     """
-    autocast_dtype = _autocast_dtype(x)
+    autocast_dtype = autocast_dtype_for(x)
     if autocast_dtype is not None and not isinstance(weight, NF4Weight):
         # Like F.linear under autocast: run in the autocast dtype. Autocast is switched off
         # around the op, or the kernels' own fp32 accumulation GEMMs would be re-cast too.
@@ -75,8 +78,8 @@ def lora_linear(
     return y2.view(*x.shape[:-1], n)
 
 
-def _autocast_dtype(x: object) -> torch.dtype | None:
-    """The autocast dtype in force for x's device type, or None."""
+def autocast_dtype_for(x: object) -> torch.dtype | None:
+    """The autocast dtype in force for the device type of tensor ``x``, or None (the one autocast helper)."""
     if not isinstance(x, Tensor):
         return None
     device_type = x.device.type
@@ -125,12 +128,10 @@ def strategy_plan(
     """Which strategy the compiled kernels of ``device`` pick for ``x [m, k]`` and ``weight [n, k]``.
 
     Returns ``{"forward": "merge" | "shrink_expand", "backward": ...}`` from the
-    cost model in csrc/strategy.h, or ``{"forward": "reference", "backward":
+    cost model of the compiled library (docs/design.md §2), or ``{"forward": "reference", "backward":
     "reference"}`` when the compiled library is not loaded (the fallback has a
     single formula).
     """
-    from . import _loader
-
     if strategy not in STRATEGIES:
         raise ValueError(f"lora_ext: strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
     if not _loader.extension_loaded():
@@ -138,3 +139,56 @@ def strategy_plan(
     elem = torch.empty((), dtype=dtype).element_size()
     weff = elem if torch.device(device).type == "cuda" else 4  # CUDA keeps W_eff in the weight dtype
     return dict(_loader._C.strategy_plan(m, n, k, elem, float(dropout_p), STRATEGIES[strategy], weff))
+
+
+def _check_nf4_lora_args(x, qw: NF4Weight, lora_A, lora_B, scale, bias, dropout_p) -> tuple[float, float]:
+    """The checks of lora_linear, against a meta stand-in of the dequantized weight; returns (scale, p)."""
+    if not isinstance(qw, NF4Weight):
+        raise TypeError(f"lora_ext: weight must be an NF4Weight, got {type(qw).__name__}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"lora_ext: x must be a torch.Tensor, got {type(x).__name__}")
+    for t, name in ((x, "x"), (lora_A, "lora_A"), (lora_B, "lora_B"), (bias, "bias")):
+        if isinstance(t, Tensor) and t.device != qw.device:
+            raise ValueError(f"lora_ext: {name} is on {t.device} but the NF4 weight is on {qw.device}")
+
+    def meta(t):
+        return t.to("meta") if isinstance(t, Tensor) else t
+
+    w_like = torch.empty(qw.shape, dtype=x.dtype, device="meta")
+    return check_lora_linear_args(meta(x), w_like, meta(lora_A), meta(lora_B), scale, meta(bias), dropout_p)
+
+
+def lora_linear_nf4(
+    x: Tensor,
+    weight: NF4Weight,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """LoRA linear over an NF4 base: ``x Wᵀ + bias + scale · (dropout(x) Aᵀ) Bᵀ``.
+
+    ``W = dequantize_nf4(weight, x.dtype)`` is never stored: the compiled CPU
+    kernel dequantizes it tile by tile inside the forward and again inside the
+    backward; the fallback builds it as a transient per call. Autograd saves
+    only x, the quantized tensors, the adapter and the dropout seed.
+
+    Args:
+        x: ``[..., K]`` in the compute dtype (float32, bfloat16, float16 or float64).
+        weight: :class:`~lora_ext.NF4Weight` of shape ``[N, K]`` on x's device.
+        lora_A: ``[r, K]``, lora_B: ``[N, r]``, bias: ``[N]`` or None, all in x's dtype.
+        scale: Python float (``lora_alpha / r``).
+        dropout_p: inverted dropout on the LoRA branch input (same hash mask as :func:`lora_linear`).
+
+    Returns:
+        ``[..., N]`` in x's dtype; differentiable in x, bias, lora_A and lora_B.
+    """
+    scale, dropout_p = _check_nf4_lora_args(x, weight, lora_A, lora_B, scale, bias, dropout_p)
+    n, k = weight.shape
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
+    x2 = x.reshape(-1, k)
+    y2 = torch.ops.lora_ext.lora_linear_nf4(x2, *weight.op_args(), n, bias, lora_A, lora_B, scale, dropout_p, seed)
+    return y2.view(*x.shape[:-1], n)

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..nn.dispatch import FACTOR_KEYS
+from ..nn.layers import LoraLayer, ModulesToSaveWrapper
 from .config import LoraConfig
-from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper
-from .model import _inject, _state, _unwrap, _walk, lora_layers
+from .inject import _inject, _state, _unwrap, _walk, lora_layers
 
 __all__ = ["load_adapter", "save_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -33,7 +34,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 _PREFIX = "base_model.model."
-_FACTOR_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
 
 
 def _adapter_state_dict(root: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, Tensor]:
@@ -41,12 +41,8 @@ def _adapter_state_dict(root: nn.Module, adapter_name: str, config: LoraConfig) 
     for name, layer in lora_layers(root):
         if adapter_name not in layer.adapters:
             continue
-        if isinstance(layer, LoraLinear):
-            out[f"{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
-            out[f"{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
-        elif isinstance(layer, LoraEmbedding):
-            out[f"{name}.lora_embedding_A"] = layer.lora_embedding_A[adapter_name]
-            out[f"{name}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name]
+        for suffix, tensor in layer.adapter_tensors(adapter_name).items():
+            out[f"{name}.{suffix}"] = tensor
     for name, module in root.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for k, v in module.modules_to_save[adapter_name].state_dict().items():
@@ -152,7 +148,7 @@ def _split_keys(
             raise ValueError(
                 f"lora_ext: key {key!r} belongs to a PEFT feature (DoRA / lora_bias) that is not supported"
             )
-        for suffix in _FACTOR_SUFFIXES:
+        for suffix in FACTOR_KEYS:
             if k.endswith("." + suffix):
                 factors.setdefault(k[: -len(suffix) - 1], {})[suffix] = value
                 break

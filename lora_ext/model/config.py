@@ -13,8 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-#: ``target_modules`` value meaning "every nn.Linear except the output head".
-ALL_LINEAR = "all-linear"
+from ..targets import pattern_matches
 
 _BIAS_OPTIONS = ("none", "all", "lora_only")
 
@@ -165,12 +164,12 @@ class LoraConfig:
         """(r, lora_alpha) for ``module_name`` after rank_pattern/alpha_pattern (first match wins, as PEFT)."""
         r = self.r
         for key, value in self.rank_pattern.items():
-            if _pattern_matches(key, module_name):
+            if pattern_matches(key, module_name):
                 r = value
                 break
         alpha = self.lora_alpha
         for key, value in self.alpha_pattern.items():
-            if _pattern_matches(key, module_name):
+            if pattern_matches(key, module_name):
                 alpha = value
                 break
         return int(r), float(alpha)
@@ -264,10 +263,3 @@ def _check_rank(value: object, name: str) -> None:
 def _check_alpha(value: object, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"lora_ext: {name} (lora_alpha) must be a positive finite number, got {value!r}")
-
-
-def _pattern_matches(pattern: str, module_name: str) -> bool:
-    import re
-
-    # PEFT's get_pattern_key: the pattern must match a dot-separated suffix of the name.
-    return re.match(rf"(.*\.)?({pattern})$", module_name) is not None

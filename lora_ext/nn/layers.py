@@ -1,4 +1,4 @@
-"""LoRA modules that wrap an existing layer: LoraLinear, LoraEmbedding, ModulesToSaveWrapper.
+"""LoRA modules that wrap an existing layer: LoraLinear, LoraLinearNF4, LoraEmbedding, ModulesToSaveWrapper.
 
 The parameter layout mirrors PEFT's ``peft.tuners.lora`` layers exactly, so a
 model's ``state_dict`` keys are the ones PEFT would produce:
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,25 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from .. import ops
+from ..quant.linear import LinearNF4
+from ..quant.nf4 import NF4Weight, dequantize_nf4
 
-__all__ = ["LoraEmbedding", "LoraLayer", "LoraLinear", "ModulesToSaveWrapper", "lora_linear_multi"]
+__all__ = ["LoraEmbedding", "LoraLayer", "LoraLinear", "LoraLinearNF4", "ModulesToSaveWrapper", "lora_linear_multi"]
 
 
 # ------------------------------------------------------------------ functional core
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype if autocast is on for ``device_type``, else None."""
-    try:
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-    except TypeError:  # torch < 2.4 has no device_type argument; only CPU/CUDA autocast existed
-        if device_type == "cuda" and torch.is_autocast_enabled():
-            return torch.get_autocast_gpu_dtype()
-        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
-            return torch.get_autocast_cpu_dtype()
-    return None
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -54,21 +44,23 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 def lora_linear_multi(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | NF4Weight,
     bias: Tensor | None,
     adapters: list[tuple[Tensor, Tensor, float, float]],
+    compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``x Wᵀ + bias + Σ_i s_i · (drop_i(x) A_iᵀ) B_iᵀ`` with the first adapter fused.
 
     Args:
         x: ``[..., K]``.
-        weight: ``[N, K]``; bias: ``[N]`` or None.
+        weight: ``[N, K]``, or an :class:`~lora_ext.NF4Weight` (4-bit base); bias: ``[N]`` or None.
         adapters: non-empty list of ``(A [r_i, K], B [N, r_i], scale_i, dropout_p_i)``;
             pass ``dropout_p = 0`` outside training.
+        compute_dtype: the dtype outside autocast (default ``weight.dtype``; an NF4 base needs it).
 
     Returns:
         ``[..., N]`` in the compute dtype: the autocast dtype when autocast is on
-        for x's device, else ``weight.dtype``.
+        for x's device, else ``compute_dtype``.
 
     The fused op wants one dtype; when x or the adapter factors differ from the
     compute dtype they are cast to it (a differentiable cast, so fp32 adapter
@@ -76,13 +68,14 @@ def lora_linear_multi(
     the weight keeps the big GEMM in the model's dtype; the op accumulates in
     fp32 and rounds once, which is at least as accurate as PEFT's two roundings.
     """
-    amp = _autocast_dtype(x.device.type)
-    dtype = amp if amp is not None else weight.dtype
+    amp = ops.autocast_dtype_for(x)
+    dtype = amp if amp is not None else (compute_dtype or weight.dtype)
     # The fallback kernels run plain torch ops; under autocast those would be
     # re-cast to low precision, breaking the fp32-accumulation contract.
     guard = torch.autocast(x.device.type, enabled=False) if amp is not None else contextlib.nullcontext()
     with guard:
-        xc, w, b = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
+        xc, b = _cast(x, dtype), _cast(bias, dtype)
+        w = weight if isinstance(weight, NF4Weight) else _cast(weight, dtype)
         a0, b0, s0, p0 = adapters[0]
         y = ops.lora_linear(xc, w, _cast(a0, dtype), _cast(b0, dtype), s0, b, p0)
         for a_i, b_i, s_i, p_i in adapters[1:]:
@@ -199,7 +192,7 @@ class LoraLayer(nn.Module):
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_ext: lora_dropout must be in [0, 1), got {lora_dropout!r}")
         base_w = self.base_layer.weight
-        self._create_factors(name, r, init_lora_weights, base_w.device, dtype or base_w.dtype, weights)
+        self._create_factors(name, r, init_lora_weights, base_w.device, self._factor_dtype(dtype), weights)
         self.r[name] = r
         self.lora_alpha[name] = float(lora_alpha)
         self.use_rslora[name] = bool(use_rslora)
@@ -207,6 +200,10 @@ class LoraLayer(nn.Module):
         self.lora_dropout_p[name] = float(lora_dropout)
         for p in self._adapter_params(name):
             p.requires_grad_(name in self._active_adapters)
+
+    def _factor_dtype(self, requested: torch.dtype | None) -> torch.dtype:
+        """dtype of new adapter factors: the requested one, else the base weight's (hook)."""
+        return requested or self.base_layer.weight.dtype
 
     def _create_factors(self, name, r, init, device, dtype, weights) -> None:
         raise NotImplementedError
@@ -231,9 +228,17 @@ class LoraLayer(nn.Module):
         """``(A', B')`` with ``weight += scale · B' A'`` merging adapter ``name``."""
         raise NotImplementedError
 
+    def adapter_tensors(self, name: str) -> dict[str, Tensor]:
+        """Adapter ``name``'s tensors under PEFT's state-dict key suffixes (what adapter files hold)."""
+        raise NotImplementedError
+
+    def _unmerged_weight(self) -> Tensor:
+        """The base weight without any adapter (hook: an NF4 base dequantizes it)."""
+        return self.base_layer.weight.detach()
+
     def merged_weight(self, names: list[str] | None = None) -> Tensor:
         """Out of place: the base weight with adapters ``names`` (default: active) added."""
-        w = self.base_layer.weight.detach()
+        w = self._unmerged_weight()
         for name in names if names is not None else self.active_adapters:
             w = _merged(w, *self.delta_factors(name), self.scaling[name])
         return w
@@ -249,6 +254,11 @@ class LoraLayer(nn.Module):
         names = [n for n in names if n not in self.merged_adapters]
         if not names:
             return
+        self._merge_names(names, safe_merge)
+        self.merged_adapters.extend(names)
+
+    def _merge_names(self, names: list[str], safe_merge: bool) -> None:
+        """Merge adapters ``names`` into the base (hook: an NF4 base swaps in a dequantized nn.Linear)."""
         weight = self.base_layer.weight
         with torch.no_grad():
             if safe_merge:
@@ -259,14 +269,17 @@ class LoraLayer(nn.Module):
             else:
                 for name in names:
                     _merge_into(weight, *self.delta_factors(name), self.scaling[name])
-        self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         """Subtract the merged adapters, last merged first (the exact inverse formula)."""
+        self._unmerge_all()
+        self.merged_adapters.clear()
+
+    def _unmerge_all(self) -> None:
+        """Undo every merge (hook: an NF4 base puts its 4-bit layer back)."""
         weight = self.base_layer.weight
         with torch.no_grad():
-            while self.merged_adapters:
-                name = self.merged_adapters.pop()
+            for name in reversed(self.merged_adapters):
                 _merge_into(weight, *self.delta_factors(name), -self.scaling[name])
 
     def _repr_state(self) -> str:
@@ -320,19 +333,23 @@ class LoraLinear(LoraLayer):
     """
 
     adapter_layer_names = ("lora_A", "lora_B")
+    factor_keys = ("lora_A.weight", "lora_B.weight")  # PEFT's state-dict suffixes of (A, B)
+    base_type: type[nn.Module] = nn.Linear  # what this class wraps
+    base_name = "an nn.Linear"
 
     def __init__(
         self,
-        base_layer: nn.Linear,
+        base_layer: nn.Module,
         adapter_name: str | None = None,
         r: int = 8,
         lora_alpha: float = 8,
         **adapter_kwargs: Any,
     ) -> None:
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"lora_ext: LoraLinear wraps an nn.Linear, got {type(base_layer).__name__}")
-        if not base_layer.weight.is_floating_point():
-            raise TypeError(f"lora_ext: LoraLinear needs a floating-point weight, got {base_layer.weight.dtype}")
+        if not isinstance(base_layer, self.base_type):
+            raise TypeError(
+                f"lora_ext: {type(self).__name__} wraps {self.base_name}, got {type(base_layer).__name__}"
+            )
+        self._check_base(base_layer)
         super().__init__(base_layer)
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
@@ -341,6 +358,10 @@ class LoraLinear(LoraLayer):
         if adapter_name is not None:
             self.add_adapter(adapter_name, r, lora_alpha, **adapter_kwargs)
             self.set_active((adapter_name,))
+
+    def _check_base(self, base_layer: nn.Module) -> None:
+        if not base_layer.weight.is_floating_point():
+            raise TypeError(f"lora_ext: LoraLinear needs a floating-point weight, got {base_layer.weight.dtype}")
 
     @property
     def bias(self) -> Tensor | None:
@@ -374,6 +395,10 @@ class LoraLinear(LoraLayer):
     def delta_factors(self, name: str) -> tuple[Tensor, Tensor]:
         return self.lora_A[name].weight, self.lora_B[name].weight
 
+    def adapter_tensors(self, name: str) -> dict[str, Tensor]:
+        """Adapter ``name``'s factors under PEFT's key suffixes."""
+        return dict(zip(self.factor_keys, (self.lora_A[name].weight, self.lora_B[name].weight)))
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self._disable_adapters or self.merged_adapters or args or kwargs:
             return self.base_layer(x, *args, **kwargs)
@@ -392,7 +417,104 @@ class LoraLinear(LoraLayer):
         base = self.base_layer
         if base_layer_is_hooked(base):
             return add_lora_unfused(base(x), x, adapters)
-        return lora_linear_multi(x, base.weight, base.bias, adapters)
+        return self._fused_forward(x, adapters)
+
+    def _fused_forward(self, x: Tensor, adapters: list[tuple[Tensor, Tensor, float, float]]) -> Tensor:
+        """Base layer and adapters in one fused call (hook: an NF4 base dequantizes inside the op)."""
+        weight = self.base_layer.weight
+        if x.dtype != weight.dtype and ops.autocast_dtype_for(x) is None:
+            # nn.Linear's (and PEFT's) rule: no silent conversion of the input outside autocast.
+            raise TypeError(
+                f"lora_ext: input x has dtype {x.dtype} but the layer's weight is {weight.dtype}; "
+                "cast the input (or the model), or run under torch.autocast"
+            )
+        return lora_linear_multi(x, weight, self.base_layer.bias, adapters)
+
+
+class LoraLinearNF4(LoraLinear):
+    """LoRA around a :class:`~lora_ext.LinearNF4`: ``y = x Wᵀ + bias + Σ s · dropout(x) Aᵀ Bᵀ`` with W in NF4.
+
+    Same adapter layout, state-dict keys and adapter API as :class:`LoraLinear`
+    (``base_layer.weight`` holds bitsandbytes' packed codes, ``base_layer.weight.*``
+    its quant state, as PEFT over bitsandbytes). The first active adapter runs
+    fused with the dequantization (:func:`lora_ext.lora_linear_nf4`); x is cast
+    to the base's ``compute_dtype`` as bitsandbytes' ``Linear4bit`` does, and the
+    output comes back in x's dtype.
+
+    ``merge()`` cannot add into 4-bit losslessly: it swaps ``base_layer`` for an
+    ``nn.Linear`` holding the dequantized-and-merged weight in compute dtype
+    (so ``merge_and_unload`` returns plain ``nn.Linear`` layers), and
+    ``unmerge()`` puts the original NF4 layer back unchanged.
+    """
+
+    base_type = LinearNF4
+    base_name = "a LinearNF4"
+
+    def __init__(self, base_layer: LinearNF4, *args: Any, **kwargs: Any) -> None:
+        self._nf4_layer: LinearNF4 | None = None  # the NF4 layer while merged
+        super().__init__(base_layer, *args, **kwargs)
+
+    def _check_base(self, base_layer: nn.Module) -> None:
+        pass  # uint8 codes by design
+
+    @property
+    def _quantized(self) -> LinearNF4:
+        return self._nf4_layer or self.base_layer
+
+    def _factor_dtype(self, requested: torch.dtype | None) -> torch.dtype:
+        # The base "weight" holds uint8 codes: a dtype derived from it (or none) means the
+        # compute dtype, else the dtype the weight had before quantization.
+        if requested is not None and requested.is_floating_point:
+            return requested
+        return self._quantized.compute_dtype or self._quantized.quant_dtype
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, **kwargs: Any) -> None:
+        if self._nf4_layer is not None:
+            raise RuntimeError("lora_ext: unmerge before adding an adapter to a merged NF4 layer")
+        super().add_adapter(name, r, lora_alpha, **kwargs)
+
+    def _fused_forward(self, x: Tensor, adapters: list[tuple[Tensor, Tensor, float, float]]) -> Tensor:
+        base = self.base_layer
+        y = lora_linear_multi(x, base.nf4, base.bias, adapters, compute_dtype=base.compute_dtype or x.dtype)
+        return y if ops.autocast_dtype_for(x) is not None else y.to(x.dtype)
+
+    def _unmerged_weight(self) -> Tensor:
+        nf4 = self._quantized
+        return dequantize_nf4(nf4.nf4, nf4.compute_dtype or nf4.quant_dtype)
+
+    def _merge_names(self, names: list[str], safe_merge: bool) -> None:
+        with torch.no_grad():
+            w = self.merged_weight(self.merged_adapters + names)
+            if safe_merge and not torch.isfinite(w).all():
+                raise ValueError(f"lora_ext: merging adapter(s) {names} gives non-finite weights; left unchanged")
+        nf4 = self._quantized
+        merged = nn.Linear(nf4.in_features, nf4.out_features, bias=nf4.bias is not None, device="meta")
+        merged.weight = nn.Parameter(w, requires_grad=False)
+        if nf4.bias is not None:
+            merged.bias = nn.Parameter(nf4.bias.detach().to(w.dtype), requires_grad=False)
+        self._nf4_layer = nf4
+        self.base_layer = merged
+
+    def _unmerge_all(self) -> None:
+        if self._nf4_layer is not None:
+            self.base_layer = self._nf4_layer
+            self._nf4_layer = None
+
+    def requantize_merged(self, blocksize: int | None = None, double_quant: bool | None = None) -> LinearNF4:
+        """A new LinearNF4 from the merged weight. Lossy: NF4 of W + sBA is not W + sBA (warns)."""
+        if self._nf4_layer is None:
+            raise RuntimeError("lora_ext: requantize_merged needs a merged layer (call merge() first)")
+        warnings.warn(
+            "lora_ext: requantizing a merged weight to NF4 adds a second 4-bit rounding error; the adapter's "
+            "contribution is partly lost. Keep the adapter separate to stay exact.",
+            UserWarning,
+            stacklevel=2,
+        )
+        src = self._nf4_layer
+        return LinearNF4.from_linear(
+            self.base_layer, blocksize or src.blocksize, src.double_quant if double_quant is None else double_quant,
+            src.compute_dtype,
+        )  # fmt: skip
 
 
 def _frozen_empty_linear(in_f: int, out_f: int, device, dtype) -> nn.Linear:
@@ -423,6 +545,7 @@ class LoraEmbedding(LoraLayer):
     """
 
     adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
+    factor_keys = ("lora_embedding_A", "lora_embedding_B")
 
     def __init__(
         self,
@@ -467,6 +590,10 @@ class LoraEmbedding(LoraLayer):
     def delta_factors(self, name: str) -> tuple[Tensor, Tensor]:
         # weight [V, D] += s · (B A)ᵀ = s · Aᵀ Bᵀ: the merge op's A' = Bᵀ [r, D], B' = Aᵀ [V, r]
         return self.lora_embedding_B[name].t().contiguous(), self.lora_embedding_A[name].t().contiguous()
+
+    def adapter_tensors(self, name: str) -> dict[str, Tensor]:
+        """Adapter ``name``'s factors under PEFT's key suffixes."""
+        return dict(zip(self.factor_keys, (self.lora_embedding_A[name], self.lora_embedding_B[name])))
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
