@@ -34,7 +34,8 @@ def variant(request):
     name = request.param
     C = _C()
     if not C.cpu_kernel_variants()[name]:
-        pytest.skip(f"this CPU cannot run the '{name}' kernels (needs {'AVX-512 F/BW/VL/DQ' if name == 'avx512' else 'AVX2/FMA/F16C'})")
+        needs = "AVX-512 F/BW/VL/DQ" if name == "avx512" else "AVX2/FMA/F16C"
+        pytest.skip(f"this CPU cannot run the '{name}' kernels (needs {needs})")
     before = C.cpu_kernel()
     assert C.set_cpu_kernel(name) == name
     assert C.cpu_kernel() == name
@@ -89,10 +90,14 @@ def test_variant_switch_reports_and_refuses():
 def test_forward_and_grads(variant, dtype, shape, strategy):
     m, k, n, r = shape
     inputs = make_inputs(m, k, n, r, dtype, bias=True)
-    _check_all(dtype, inputs, lambda x, w, a, b, bb: lora_ext.lora_linear(x, w, a, b, SCALE, bias=bb, strategy=strategy))
+    _check_all(
+        dtype, inputs, lambda x, w, a, b, bb: lora_ext.lora_linear(x, w, a, b, SCALE, bias=bb, strategy=strategy)
+    )
 
 
-@pytest.mark.parametrize("shape", [(45, 70, 33, 4), (40, 129, 67, 16), (9, 136, 40, 128)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(45, 70, 33, 4), (40, 129, 67, 16), (9, 136, 40, 128)], ids=lambda s: "x".join(map(str, s))
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_dropout(variant, dtype, shape):
     m, k, n, r = shape
@@ -171,7 +176,9 @@ def _ulp(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("sign", [1, -1], ids=["merge", "unmerge"])
-@pytest.mark.parametrize("shape", [(67, 129, 5), (3, 8, 1), (48, 300, 16), (33, 47, 128), (40, 50, 129)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(67, 129, 5), (3, 8, 1), (48, 300, 16), (33, 47, 128), (40, 50, 129)], ids=lambda s: "x".join(map(str, s))
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_merge(variant, dtype, shape, sign):
     n, k, r = shape

@@ -82,7 +82,8 @@ struct V {
   }
   // All-ones lanes where hash32((lo0 + lane) ^ inner) >= threshold (unsigned).
   static reg keep(uint32_t lo0, uint32_t inner, uint32_t threshold) {
-    const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo0)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo0)), lanes);
     const __m256i h = hash32(_mm256_xor_si256(idx, _mm256_set1_epi32(static_cast<int>(inner))));
     const __m256i ge = _mm256_cmpeq_epi32(_mm256_max_epu32(h, _mm256_set1_epi32(static_cast<int>(threshold))), h);
     return _mm256_castsi256_ps(ge);

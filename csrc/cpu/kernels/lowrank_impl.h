@@ -258,10 +258,18 @@ void expand_t(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float*
       const auto* b = base + m * ldb;
       auto* o = out + m * ldo;
       switch (rows - m >= 4 ? 4 : rows - m) {
-        case 4: expand_rows<4, BD, OD, MASK>(z, ldz, r, Q, ldq, l0, l1, scale, b, ldb, o, ldo, row_idx, UL, drop); break;
-        case 3: expand_rows<3, BD, OD, MASK>(z, ldz, r, Q, ldq, l0, l1, scale, b, ldb, o, ldo, row_idx, UL, drop); break;
-        case 2: expand_rows<2, BD, OD, MASK>(z, ldz, r, Q, ldq, l0, l1, scale, b, ldb, o, ldo, row_idx, UL, drop); break;
-        default: expand_rows<1, BD, OD, MASK>(z, ldz, r, Q, ldq, l0, l1, scale, b, ldb, o, ldo, row_idx, UL, drop); break;
+        case 4:
+          expand_rows<4, BD, OD, MASK>(z, ldz, r, Q, ldq, l0, l1, scale, b, ldb, o, ldo, row_idx, UL, drop);
+          break;
+        case 3:
+          expand_rows<3, BD, OD, MASK>(z, ldz, r, Q, ldq, l0, l1, scale, b, ldb, o, ldo, row_idx, UL, drop);
+          break;
+        case 2:
+          expand_rows<2, BD, OD, MASK>(z, ldz, r, Q, ldq, l0, l1, scale, b, ldb, o, ldo, row_idx, UL, drop);
+          break;
+        default:
+          expand_rows<1, BD, OD, MASK>(z, ldz, r, Q, ldq, l0, l1, scale, b, ldb, o, ldo, row_idx, UL, drop);
+          break;
       }
     }
   }
@@ -292,7 +300,8 @@ void expand(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Q
             const void* base, DT bdt, int64_t ldb, void* out, DT odt, int64_t ldo, int64_t row0, const Drop* drop) {
   switch (bdt) {
     case DT::f32: return expand_base<DT::f32>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
-    case DT::bf16: return expand_base<DT::bf16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
+    case DT::bf16:
+      return expand_base<DT::bf16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
     case DT::f16: return expand_base<DT::f16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
   }
 }
