@@ -141,7 +141,7 @@ def _default_max_jobs() -> None:
 def _extensions():
     _default_max_jobs()
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/cpu/kernels/*.cpp")
     torch_version = torch.__version__.split("+")[0]
     cxx = [
         "-O3",

@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "cpu/kernels/lowrank.h"
 #include "strategy.h"
 
 #ifndef LORA_EXT_TORCH_VERSION
@@ -64,6 +65,17 @@ pybind11::dict strategy_plan(int64_t M, int64_t N, int64_t K, int64_t element_si
   return plan;
 }
 
+std::string set_cpu_kernel(const std::string& name) {
+  lora_ext::cpu::set_kernel(name);
+  return lora_ext::cpu::active_kernel_name();
+}
+
+pybind11::dict cpu_kernel_variants() {
+  pybind11::dict out;
+  for (const char* name : {"default", "avx2", "avx512", "aten"}) out[name] = lora_ext::cpu::cpu_can_run(name);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -72,4 +84,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("strategy_plan", &strategy_plan, "Strategy (merge or shrink_expand) the kernels pick for forward and backward.",
         pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("element_size"),
         pybind11::arg("dropout_p"), pybind11::arg("strategy"), pybind11::arg("weff_size") = 4);
+  m.def("cpu_kernel", &lora_ext::cpu::active_kernel_name,
+        "Active CPU kernel variant for the rank-r products and merge: default, avx2, avx512 or aten (fused off).");
+  m.def("set_cpu_kernel", &set_cpu_kernel,
+        "Force the CPU kernel variant (auto, default, avx2, avx512 or aten); raises RuntimeError for an unknown "
+        "name or one this CPU cannot run. Returns the variant now active.",
+        pybind11::arg("name"));
+  m.def("cpu_kernel_variants", &cpu_kernel_variants, "Which CPU kernel variants this CPU can run.");
 }

@@ -20,6 +20,7 @@
 #include "../dropout_hash.h"
 #include "../ops.h"
 #include "../strategy.h"
+#include "lora_cpu_fused.h"
 
 namespace lora_ext {
 namespace {
@@ -119,6 +120,9 @@ Tensor lora_linear_cpu(const Tensor& x, const Tensor& weight, const std::optiona
                        int64_t strategy) {
   check_lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
   check_cpu(x, "x");
+  if (fused_cpu_kernels_apply(x.scalar_type(), lora_A.size(0))) {
+    return lora_linear_cpu_fused(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+  }
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   Tensor y = at::empty({M, N}, x.options());
   if (M == 0) return y;
@@ -179,6 +183,10 @@ GradTuple lora_linear_backward_cpu(const Tensor& grad_out, const Tensor& x, cons
   check_lora_linear(x, weight, std::nullopt, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
   check_grad_out(grad_out, x, weight);
   check_cpu(x, "x");
+  if (fused_cpu_kernels_apply(x.scalar_type(), lora_A.size(0))) {
+    return lora_linear_backward_cpu_fused(grad_out, x, weight, lora_A, lora_B, scale, dropout_p, dropout_seed,
+                                          strategy, output_mask);
+  }
   const auto [need_x, need_w, need_bias, need_a, need_b] = output_mask;
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const at::ScalarType acc = acc_type(x);
@@ -266,6 +274,10 @@ namespace {
 void merged_rows_into(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B, double scale, Tensor& out) {
   const int64_t N = weight.size(0), K = weight.size(1);
   if (N == 0 || K == 0) return;
+  if (fused_cpu_kernels_apply(weight.scalar_type(), lora_A.size(0))) {
+    merged_rows_into_fused(weight, lora_A, lora_B, scale, out);
+    return;
+  }
   const at::ScalarType acc = acc_type(weight);
   const Tensor A = lora_A.to(acc), B = lora_B.to(acc);
   const int64_t rows = chunk_rows(N, K);

@@ -1,0 +1,137 @@
+// Run-time choice of the fused CPU kernel variant (see lowrank.h).
+//
+//   auto     the widest variant both the CPU and ATen's capability allow: ATen reports
+//            AVX512 / AVX2 / DEFAULT from cpuid, capped by ATEN_CPU_CAPABILITY, so the
+//            fused kernels follow the same switch as ATen's own kernels.
+//   default  portable loops (vector extensions, baseline ISA)
+//   avx2     AVX2 + FMA + F16C
+//   avx512   AVX-512 F/BW/VL/DQ + FMA + F16C
+//   aten     fused kernels off: the ops run their ATen-GEMM implementation
+//
+// The start value comes from LORA_EXT_CPU_KERNEL (unset or "auto": auto); set_kernel()
+// (exposed as lora_ext._C.set_cpu_kernel) changes it at run time.
+#include <ATen/Version.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+
+#include "lowrank.h"
+
+namespace lora_ext {
+namespace cpu {
+namespace {
+
+enum Variant : int { kUnresolved = -1, kAten = 0, kDefault = 1, kAvx2 = 2, kAvx512 = 3 };
+
+bool has_avx2() {
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+bool has_avx512() {
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+const char* variant_name(int v) {
+  switch (v) {
+    case kAten: return "aten";
+    case kDefault: return "default";
+    case kAvx2: return "avx2";
+    case kAvx512: return "avx512";
+    default: return "unresolved";
+  }
+}
+
+// -1 for "auto", -2 for an unknown name.
+int parse(const std::string& name) {
+  if (name.empty() || name == "auto") return kUnresolved;
+  if (name == "aten") return kAten;
+  if (name == "default") return kDefault;
+  if (name == "avx2") return kAvx2;
+  if (name == "avx512") return kAvx512;
+  return -2;
+}
+
+bool runnable(int v) {
+  switch (v) {
+    case kAten:
+    case kDefault: return true;
+    case kAvx2: return has_avx2();
+    case kAvx512: return has_avx512();
+    default: return false;
+  }
+}
+
+int resolve_auto() {
+  const std::string cap = at::get_cpu_capability();  // "DEFAULT", "AVX2", "AVX512", ... (honours ATEN_CPU_CAPABILITY)
+  if (cap == "AVX512" && has_avx512()) return kAvx512;
+  if ((cap == "AVX512" || cap == "AVX2") && has_avx2()) return kAvx2;
+  return kDefault;
+}
+
+int checked(int v, const std::string& name, const char* source) {
+  TORCH_CHECK(v != -2, "lora_ext: unknown CPU kernel variant '", name, "' (", source,
+              "); expected auto, default, avx2, avx512 or aten");
+  if (v == kUnresolved) return resolve_auto();
+  TORCH_CHECK(runnable(v), "lora_ext: CPU kernel variant '", name, "' (", source,
+              ") needs instructions this CPU lacks (",
+              v == kAvx512 ? "AVX-512 F/BW/VL/DQ, FMA, F16C" : "AVX2, FMA, F16C",
+              "); available: ", has_avx512() ? "default, avx2, avx512" : has_avx2() ? "default, avx2" : "default",
+              ", aten");
+  return v;
+}
+
+std::atomic<int> g_variant{kUnresolved};
+std::mutex g_mutex;
+
+int current() {
+  int v = g_variant.load(std::memory_order_acquire);
+  if (v != kUnresolved) return v;
+  std::lock_guard<std::mutex> lock(g_mutex);
+  v = g_variant.load(std::memory_order_relaxed);
+  if (v == kUnresolved) {
+    const char* env = std::getenv("LORA_EXT_CPU_KERNEL");
+    const std::string name = env ? env : "";
+    v = checked(parse(name), name, "LORA_EXT_CPU_KERNEL");
+    g_variant.store(v, std::memory_order_release);
+  }
+  return v;
+}
+
+}  // namespace
+
+const Kernels* active_kernels() {
+  switch (current()) {
+    case kDefault: return &kernels_default();
+    case kAvx2: return &kernels_avx2();
+    case kAvx512: return &kernels_avx512();
+    default: return nullptr;
+  }
+}
+
+std::string active_kernel_name() { return variant_name(current()); }
+
+void set_kernel(const std::string& name) {
+  const int v = checked(parse(name), name, "set_cpu_kernel");
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_variant.store(v, std::memory_order_release);
+}
+
+bool cpu_can_run(const std::string& name) {
+  const int v = parse(name);
+  return v == kUnresolved || runnable(v);
+}
+
+}  // namespace cpu
+}  // namespace lora_ext

@@ -1,0 +1,381 @@
+// The templated loops behind lowrank.h, written once against a vector type V.
+//
+// Included (without an include guard, on purpose) by each ISA translation unit,
+// inside that unit's own anonymous namespace and after its `struct V` and the
+// `#pragma GCC target` of the ISA, so every function here is compiled for that
+// ISA and none of them is visible to (or merged with) another unit. This file
+// includes nothing: lowrank.h, dropout_hash.h, <cstdint> and <cstring> must come
+// first, before the target pragma, so no shared inline function is compiled with
+// the ISA's flags.
+//
+// V provides: reg, W (lanes), zero, set1, load/store (fp32), fma(a, b, c) = a*b + c,
+// mul, add, and_, hsum, load_bf16/store_bf16, load_f16/store_f16 (W elements), their scalar forms
+// bf16_to_f/f_to_bf16/f16_to_f/f_to_f16, keep(lo0, inner, threshold) (all-ones lanes
+// where hash32((lo0 + lane) ^ inner) >= threshold) and load_bits (W uint32 masks).
+//
+// Register blocking (AVX2 has 16 vector registers): shrink 3 rows x 4 ranks of
+// lane-wise partial sums, expand 4 rows x 3 vectors, outer 6 ranks x 2 vectors, so
+// each inner step does 12 FMAs on at most 8 loads. Every output element is summed
+// over the rank in the same order wherever it sits in a tile (the last, partial
+// vector uses zero-padded loads through the same code), so results do not depend
+// on the layout or on the tile an element falls in.
+
+using lora_ext::cpu::Drop;
+using lora_ext::cpu::DT;
+using lora_ext::cpu::Kernels;
+using reg = V::reg;
+constexpr int W = V::W;
+
+template <DT D>
+struct IO;
+template <>
+struct IO<DT::f32> {
+  using T = float;
+  static reg load(const T* p) { return V::load(p); }
+  static void store(T* p, reg v) { V::store(p, v); }
+  static float to_f(T x) { return x; }
+  static T from_f(float x) { return x; }
+};
+template <>
+struct IO<DT::bf16> {
+  using T = uint16_t;
+  static reg load(const T* p) { return V::load_bf16(p); }
+  static void store(T* p, reg v) { V::store_bf16(p, v); }
+  static float to_f(T x) { return V::bf16_to_f(x); }
+  static T from_f(float x) { return V::f_to_bf16(x); }
+};
+template <>
+struct IO<DT::f16> {
+  using T = uint16_t;
+  static reg load(const T* p) { return V::load_f16(p); }
+  static void store(T* p, reg v) { V::store_f16(p, v); }
+  static float to_f(T x) { return V::f16_to_f(x); }
+  static T from_f(float x) { return V::f_to_f16(x); }
+};
+
+// n < W valid elements, the rest zero.
+template <DT D>
+inline reg load_part(const typename IO<D>::T* p, int64_t n) {
+  typename IO<D>::T tmp[W];
+  std::memset(tmp, 0, sizeof(tmp));
+  std::memcpy(tmp, p, size_t(n) * sizeof(typename IO<D>::T));
+  return IO<D>::load(tmp);
+}
+
+template <DT D>
+inline void store_part(typename IO<D>::T* p, reg v, int64_t n) {
+  typename IO<D>::T tmp[W];
+  IO<D>::store(tmp, v);
+  std::memcpy(p, tmp, size_t(n) * sizeof(typename IO<D>::T));
+}
+
+template <DT D>
+inline reg load_n(const typename IO<D>::T* p, int64_t n) {
+  return n >= W ? IO<D>::load(p) : load_part<D>(p, n);
+}
+
+template <DT D>
+inline void store_n(typename IO<D>::T* p, reg v, int64_t n) {
+  if (n >= W) {
+    IO<D>::store(p, v);
+  } else {
+    store_part<D>(p, v, n);
+  }
+}
+
+// Keep mask (all-ones lanes) for the W consecutive element indices idx0, idx0 + 1, ...
+inline reg keep_mask(const Drop& d, uint64_t idx0) {
+  const uint32_t lo0 = static_cast<uint32_t>(idx0);
+  const uint32_t s_lo = static_cast<uint32_t>(d.seed), s_hi = static_cast<uint32_t>(d.seed >> 32);
+  if (lo0 <= 0xFFFFFFFFu - uint32_t(W - 1)) {  // no carry into the high word inside the vector
+    const uint32_t hi = static_cast<uint32_t>(idx0 >> 32);
+    const uint32_t inner = lora_ext::dropout_hash32(s_lo ^ lora_ext::dropout_hash32(hi ^ s_hi));
+    return V::keep(lo0, inner, static_cast<uint32_t>(d.threshold));
+  }
+  uint32_t bits[W];
+  for (int l = 0; l < W; ++l) bits[l] = lora_ext::dropout_keep(d.seed, idx0 + uint64_t(l), d.threshold) ? ~0u : 0u;
+  return V::load_bits(bits);
+}
+
+// ---------------------------------------------------------------- stage
+
+template <DT D>
+void stage_t(const void* src_, int64_t rs, int64_t cs, int64_t rows, int64_t cols, float* dst, int64_t ldd,
+             int64_t row0, const Drop* drop) {
+  using T = typename IO<D>::T;
+  const T* src = static_cast<const T*>(src_);
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* s = src + i * rs;
+    float* o = dst + i * ldd;
+    const uint64_t base = static_cast<uint64_t>(row0 + i) * static_cast<uint64_t>(cols);
+    if (cs == 1) {
+      for (int64_t k = 0; k < cols; k += W) {
+        const int64_t n = cols - k;
+        reg v = load_n<D>(s + k, n);
+        if (drop) v = V::and_(v, keep_mask(*drop, base + uint64_t(k)));
+        store_n<DT::f32>(o + k, v, n);
+      }
+    } else {
+      for (int64_t k = 0; k < cols; ++k) {
+        float v = IO<D>::to_f(s[k * cs]);
+        if (drop && !lora_ext::dropout_keep(drop->seed, base + uint64_t(k), drop->threshold)) v = 0.0f;
+        o[k] = v;
+      }
+    }
+  }
+}
+
+void stage(const void* src, DT dt, int64_t rs, int64_t cs, int64_t rows, int64_t cols, float* dst, int64_t ldd,
+           int64_t row0, const Drop* drop) {
+  switch (dt) {
+    case DT::f32: return stage_t<DT::f32>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
+    case DT::bf16: return stage_t<DT::bf16>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
+    case DT::f16: return stage_t<DT::f16>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
+  }
+}
+
+// ---------------------------------------------------------------- shrink: Z = X P^T
+
+template <int R, int J>
+inline void shrink_blk(const float* X, int64_t ldx, int64_t K, const float* P, int64_t ldp, float* Z, int64_t ldz) {
+  reg acc[R][J];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < J; ++j) acc[i][j] = V::zero();
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    reg xv[R];
+    for (int i = 0; i < R; ++i) xv[i] = V::load(X + i * ldx + k);
+    for (int j = 0; j < J; ++j) {
+      const reg p = V::load(P + j * ldp + k);
+      for (int i = 0; i < R; ++i) acc[i][j] = V::fma(xv[i], p, acc[i][j]);
+    }
+  }
+  if (k < K) {
+    const int64_t n = K - k;
+    reg xv[R];
+    for (int i = 0; i < R; ++i) xv[i] = load_part<DT::f32>(X + i * ldx + k, n);
+    for (int j = 0; j < J; ++j) {
+      const reg p = load_part<DT::f32>(P + j * ldp + k, n);
+      for (int i = 0; i < R; ++i) acc[i][j] = V::fma(xv[i], p, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < J; ++j) Z[i * ldz + j] = V::hsum(acc[i][j]);
+}
+
+template <int R>
+inline void shrink_rows(const float* X, int64_t ldx, int64_t K, const float* P, int64_t ldp, int64_t r, float* Z,
+                        int64_t ldz) {
+  int64_t j = 0;
+  for (; j + 4 <= r; j += 4) shrink_blk<R, 4>(X, ldx, K, P + j * ldp, ldp, Z + j, ldz);
+  switch (r - j) {
+    case 3: shrink_blk<R, 3>(X, ldx, K, P + j * ldp, ldp, Z + j, ldz); break;
+    case 2: shrink_blk<R, 2>(X, ldx, K, P + j * ldp, ldp, Z + j, ldz); break;
+    case 1: shrink_blk<R, 1>(X, ldx, K, P + j * ldp, ldp, Z + j, ldz); break;
+    default: break;
+  }
+}
+
+void shrink(const float* X, int64_t ldx, int64_t rows, int64_t K, const float* P, int64_t ldp, int64_t r, float* Z,
+            int64_t ldz) {
+  int64_t m = 0;
+  for (; m + 3 <= rows; m += 3) shrink_rows<3>(X + m * ldx, ldx, K, P, ldp, r, Z + m * ldz, ldz);
+  if (rows - m == 2) shrink_rows<2>(X + m * ldx, ldx, K, P, ldp, r, Z + m * ldz, ldz);
+  if (rows - m == 1) shrink_rows<1>(X + m * ldx, ldx, K, P, ldp, r, Z + m * ldz, ldz);
+}
+
+// ---------------------------------------------------------------- expand: out = base + mask * s (Z Q)
+
+// R rows x LV vectors starting at column l; the last vector holds `nlast` valid columns.
+template <int R, int LV, DT BD, DT OD, bool MASK>
+inline void expand_blk(const float* Z, int64_t ldz, int64_t r, const float* Q, int64_t ldq, int64_t nlast,
+                       float scale, const typename IO<BD>::T* base, int64_t ldb, typename IO<OD>::T* out,
+                       int64_t ldo, uint64_t idx0, uint64_t L, const Drop* drop) {
+  reg acc[R][LV];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < LV; ++v) acc[i][v] = V::zero();
+  if (nlast >= W) {
+    for (int64_t j = 0; j < r; ++j) {
+      reg q[LV];
+      for (int v = 0; v < LV; ++v) q[v] = V::load(Q + j * ldq + v * W);
+      for (int i = 0; i < R; ++i) {
+        const reg z = V::set1(Z[i * ldz + j]);
+        for (int v = 0; v < LV; ++v) acc[i][v] = V::fma(z, q[v], acc[i][v]);
+      }
+    }
+  } else {
+    for (int64_t j = 0; j < r; ++j) {
+      reg q[LV];
+      for (int v = 0; v < LV; ++v) q[v] = load_n<DT::f32>(Q + j * ldq + v * W, v == LV - 1 ? nlast : W);
+      for (int i = 0; i < R; ++i) {
+        const reg z = V::set1(Z[i * ldz + j]);
+        for (int v = 0; v < LV; ++v) acc[i][v] = V::fma(z, q[v], acc[i][v]);
+      }
+    }
+  }
+  const reg s = V::set1(scale);
+  for (int i = 0; i < R; ++i) {
+    for (int v = 0; v < LV; ++v) {
+      const int64_t n = v == LV - 1 ? nlast : W;
+      reg t = V::mul(s, acc[i][v]);
+      if (MASK) t = V::and_(t, keep_mask(*drop, idx0 + uint64_t(i) * L + uint64_t(v * W)));
+      const reg b = load_n<BD>(base + i * ldb + v * W, n);
+      store_n<OD>(out + i * ldo + v * W, V::add(b, t), n);
+    }
+  }
+}
+
+template <int R, DT BD, DT OD, bool MASK>
+inline void expand_rows(const float* Z, int64_t ldz, int64_t r, const float* Q, int64_t ldq, int64_t l0, int64_t l1,
+                        float scale, const typename IO<BD>::T* base, int64_t ldb, typename IO<OD>::T* out,
+                        int64_t ldo, uint64_t row_idx, uint64_t L, const Drop* drop) {
+  int64_t l = l0;
+  for (; l + 3 * W <= l1; l += 3 * W)
+    expand_blk<R, 3, BD, OD, MASK>(Z, ldz, r, Q + l, ldq, W, scale, base + l, ldb, out + l, ldo, row_idx + l, L,
+                                   drop);
+  for (; l < l1; l += W)
+    expand_blk<R, 1, BD, OD, MASK>(Z, ldz, r, Q + l, ldq, l1 - l, scale, base + l, ldb, out + l, ldo, row_idx + l,
+                                   L, drop);
+}
+
+template <DT BD, DT OD, bool MASK>
+void expand_t(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Q, int64_t ldq, int64_t L,
+              float scale, const void* base_, int64_t ldb, void* out_, int64_t ldo, int64_t row0, const Drop* drop) {
+  const auto* base = static_cast<const typename IO<BD>::T*>(base_);
+  auto* out = static_cast<typename IO<OD>::T*>(out_);
+  // Columns per tile: a multiple of the 3-vector block such that the r x tile slice of Q is
+  // about 128 KiB (stays in L2 while the rows of the call stream through it); long tiles
+  // keep the reads of base/out sequential.
+  int64_t tile = (int64_t(32768) / (r > 0 ? r : 1)) / (3 * W) * (3 * W);
+  if (tile < 3 * W) tile = 3 * W;
+  const uint64_t UL = static_cast<uint64_t>(L);
+  for (int64_t l0 = 0; l0 < L; l0 += tile) {
+    const int64_t l1 = l0 + tile < L ? l0 + tile : L;
+    int64_t m = 0;
+    for (; m < rows; m += 4) {
+      const uint64_t row_idx = static_cast<uint64_t>(row0 + m) * UL;
+      const float* z = Z + m * ldz;
+      const auto* b = base + m * ldb;
+      auto* o = out + m * ldo;
+      switch (rows - m >= 4 ? 4 : rows - m) {
+        case 4:
+          expand_rows<4, BD, OD, MASK>(z, ldz, r, Q, ldq, l0, l1, scale, b, ldb, o, ldo, row_idx, UL, drop);
+          break;
+        case 3:
+          expand_rows<3, BD, OD, MASK>(z, ldz, r, Q, ldq, l0, l1, scale, b, ldb, o, ldo, row_idx, UL, drop);
+          break;
+        case 2:
+          expand_rows<2, BD, OD, MASK>(z, ldz, r, Q, ldq, l0, l1, scale, b, ldb, o, ldo, row_idx, UL, drop);
+          break;
+        default:
+          expand_rows<1, BD, OD, MASK>(z, ldz, r, Q, ldq, l0, l1, scale, b, ldb, o, ldo, row_idx, UL, drop);
+          break;
+      }
+    }
+  }
+}
+
+template <DT BD, DT OD>
+void expand_mask(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Q, int64_t ldq, int64_t L,
+                 float scale, const void* base, int64_t ldb, void* out, int64_t ldo, int64_t row0, const Drop* drop) {
+  if (drop) {
+    expand_t<BD, OD, true>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
+  } else {
+    expand_t<BD, OD, false>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
+  }
+}
+
+template <DT BD>
+void expand_base(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Q, int64_t ldq, int64_t L,
+                 float scale, const void* base, int64_t ldb, void* out, DT odt, int64_t ldo, int64_t row0,
+                 const Drop* drop) {
+  switch (odt) {
+    case DT::f32: return expand_mask<BD, DT::f32>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
+    case DT::bf16: return expand_mask<BD, DT::bf16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
+    case DT::f16: return expand_mask<BD, DT::f16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
+  }
+}
+
+void expand(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Q, int64_t ldq, int64_t L, float scale,
+            const void* base, DT bdt, int64_t ldb, void* out, DT odt, int64_t ldo, int64_t row0, const Drop* drop) {
+  switch (bdt) {
+    case DT::f32: return expand_base<DT::f32>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
+    case DT::bf16:
+      return expand_base<DT::bf16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
+    case DT::f16: return expand_base<DT::f16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
+  }
+}
+
+// ---------------------------------------------------------------- outer: acc += Z^T X
+
+template <int J, int LV>
+inline void outer_blk(const float* Z, int64_t ldz, const float* X, int64_t ldx, int64_t rows, int64_t nlast,
+                      float* acc, int64_t lda) {
+  reg a[J][LV];
+  for (int j = 0; j < J; ++j)
+    for (int v = 0; v < LV; ++v) a[j][v] = load_n<DT::f32>(acc + j * lda + v * W, v == LV - 1 ? nlast : W);
+  if (nlast >= W) {
+    for (int64_t m = 0; m < rows; ++m) {
+      reg x[LV];
+      for (int v = 0; v < LV; ++v) x[v] = V::load(X + m * ldx + v * W);
+      for (int j = 0; j < J; ++j) {
+        const reg z = V::set1(Z[m * ldz + j]);
+        for (int v = 0; v < LV; ++v) a[j][v] = V::fma(z, x[v], a[j][v]);
+      }
+    }
+  } else {
+    for (int64_t m = 0; m < rows; ++m) {
+      reg x[LV];
+      for (int v = 0; v < LV; ++v) x[v] = load_n<DT::f32>(X + m * ldx + v * W, v == LV - 1 ? nlast : W);
+      for (int j = 0; j < J; ++j) {
+        const reg z = V::set1(Z[m * ldz + j]);
+        for (int v = 0; v < LV; ++v) a[j][v] = V::fma(z, x[v], a[j][v]);
+      }
+    }
+  }
+  for (int j = 0; j < J; ++j)
+    for (int v = 0; v < LV; ++v) store_n<DT::f32>(acc + j * lda + v * W, a[j][v], v == LV - 1 ? nlast : W);
+}
+
+template <int J>
+inline void outer_ranks(const float* Z, int64_t ldz, const float* X, int64_t ldx, int64_t rows, int64_t L, float* acc,
+                        int64_t lda) {
+  int64_t l = 0;
+  for (; l + 2 * W <= L; l += 2 * W) outer_blk<J, 2>(Z, ldz, X + l, ldx, rows, W, acc + l, lda);
+  for (; l < L; l += W) outer_blk<J, 1>(Z, ldz, X + l, ldx, rows, L - l, acc + l, lda);
+}
+
+void outer(const float* Z, int64_t ldz, const float* X, int64_t ldx, int64_t rows, int64_t r, int64_t L, float* acc,
+           int64_t lda) {
+  int64_t j = 0;
+  for (; j + 6 <= r; j += 6) outer_ranks<6>(Z + j, ldz, X, ldx, rows, L, acc + j * lda, lda);
+  const float* z = Z + j;
+  float* a = acc + j * lda;
+  switch (r - j) {
+    case 5: outer_ranks<5>(z, ldz, X, ldx, rows, L, a, lda); break;
+    case 4: outer_ranks<4>(z, ldz, X, ldx, rows, L, a, lda); break;
+    case 3: outer_ranks<3>(z, ldz, X, ldx, rows, L, a, lda); break;
+    case 2: outer_ranks<2>(z, ldz, X, ldx, rows, L, a, lda); break;
+    case 1: outer_ranks<1>(z, ldz, X, ldx, rows, L, a, lda); break;
+    default: break;
+  }
+}
+
+// ---------------------------------------------------------------- colsum: acc += sum over rows
+
+void colsum(const float* X, int64_t ldx, int64_t rows, int64_t L, float* acc) {
+  int64_t l = 0;
+  for (; l + 4 * W <= L; l += 4 * W) {
+    reg a[4];
+    for (int v = 0; v < 4; ++v) a[v] = V::load(acc + l + v * W);
+    for (int64_t m = 0; m < rows; ++m)
+      for (int v = 0; v < 4; ++v) a[v] = V::add(a[v], V::load(X + m * ldx + l + v * W));
+    for (int v = 0; v < 4; ++v) V::store(acc + l + v * W, a[v]);
+  }
+  for (; l < L; l += W) {
+    const int64_t n = L - l;
+    reg a = load_n<DT::f32>(acc + l, n);
+    for (int64_t m = 0; m < rows; ++m) a = V::add(a, load_n<DT::f32>(X + m * ldx + l, n));
+    store_n<DT::f32>(acc + l, a, n);
+  }
+}

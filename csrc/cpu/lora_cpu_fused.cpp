@@ -1,0 +1,388 @@
+// The CPU ops on the fused low-rank kernels (see lora_cpu_fused.h, kernels/lowrank.h).
+//
+// Forward, shrink/expand: the base GEMM (ATen) writes y; then one pass over row steps
+// of x computes xa = drop(x) A^T from the step while it is in cache (the dropout mask is
+// generated in the same pass from the hash) and adds s * xa B^T into y (fp32), or into
+// the fp32 GEMM chunk before the single rounding to bf16/fp16.
+// Backward: one pass over row steps of g and x: gb = g B, dB^T += xa^T g, dA += gb^T
+// drop(x), grad_bias += column sums of g, and (shrink/expand) dx += s mask (gb A) into
+// the base GEMM's dx. Each thread owns one block of consecutive steps and its own fp32
+// partial dA / dB / dbias, summed in block order at the end (deterministic for a given
+// thread count).
+// Merge (and the merge-on-the-fly W_eff): W + s B A tile by tile in registers, reading and
+// writing W once, rounded once.
+//
+// Memory: no [M, N] temporary besides the outputs; per-thread scratch is a few row steps
+// plus the [r, K] / [r, N] partials.
+#include "lora_cpu_fused.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../dropout_hash.h"
+#include "../strategy.h"
+#include "kernels/lowrank.h"
+
+namespace lora_ext {
+namespace {
+
+using at::Tensor;
+using cpu::Drop;
+using cpu::DT;
+using cpu::Kernels;
+
+DT dt_of(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return DT::f32;
+    case at::kBFloat16: return DT::bf16;
+    case at::kHalf: return DT::f16;
+    default: TORCH_INTERNAL_ASSERT(false, "lora_ext: fused CPU kernels got dtype ", s);
+  }
+  return DT::f32;
+}
+
+// A 2-D view: element (i, k) at p + (i * rs + k * cs) * element size.
+struct View {
+  const char* p;
+  DT dt;
+  int64_t rs, cs;
+  const char* row(int64_t i) const { return p + i * rs * cpu::dt_size(dt); }
+};
+
+View view_of(const Tensor& t) {
+  return {static_cast<const char*>(t.data_ptr()), dt_of(t.scalar_type()), t.stride(0), t.stride(1)};
+}
+
+// Rows of one step of the fused passes: about 32K fp32 elements (128 KiB) per matrix, so a
+// step of x and one of g, the per-thread partials and the factors share the L2 cache.
+int64_t step_rows(int64_t width) {
+  return std::clamp<int64_t>((int64_t(1) << 15) / std::max<int64_t>(width, 1), 8, 256);
+}
+
+// Rows per chunk of the bf16/fp16 base GEMM (as lora_cpu.cpp's chunk_rows).
+int64_t gemm_chunk_rows(int64_t M, int64_t width) {
+  const int64_t rows = (int64_t(1) << 19) / std::max<int64_t>(width, 1);
+  return std::max<int64_t>(1, std::min<int64_t>(M, std::max<int64_t>(rows, 64)));
+}
+
+struct DropoutArgs {
+  bool on = false;
+  bool branch_zero = false;
+  double factor = 1.0;
+  Drop d;
+  const Drop* ptr() const { return on ? &d : nullptr; }
+};
+
+DropoutArgs make_dropout(double p, const std::optional<Tensor>& seed) {
+  DropoutArgs a;
+  if (p <= 0.0) return a;
+  a.on = p < 1.0;
+  a.branch_zero = p >= 1.0;
+  a.factor = p >= 1.0 ? 0.0 : 1.0 / (1.0 - p);
+  a.d.seed = static_cast<uint64_t>(seed->reshape({}).item<int64_t>());
+  a.d.threshold = dropout_threshold(p);
+  return a;
+}
+
+// out[N, K] = weight + scale * B32 A32 (fp32 factors, contiguous), rounded once into out's dtype.
+void merge_into(const Kernels& kr, const Tensor& weight, const Tensor& A32, const Tensor& B32, float scale,
+                Tensor& out) {
+  const int64_t N = weight.size(0), K = weight.size(1), r = A32.size(0);
+  if (N == 0 || K == 0) return;
+  Tensor Z, Q;
+  int64_t rows, L, ldb, ldo;
+  if (weight.stride(1) == 1 && out.stride(1) == 1) {  // row-major: rows of W
+    Z = B32, Q = A32, rows = N, L = K, ldb = weight.stride(0), ldo = out.stride(0);
+  } else if (weight.stride(0) == 1 && out.stride(0) == 1) {  // column-major: rows of W^T = W^T + s A^T B^T
+    Z = A32.t().contiguous(), Q = B32.t().contiguous(), rows = K, L = N, ldb = weight.stride(1), ldo = out.stride(1);
+  } else {
+    Tensor tmp = at::empty({N, K}, out.options());
+    merge_into(kr, weight.contiguous(), A32, B32, scale, tmp);
+    out.copy_(tmp);
+    return;
+  }
+  const float* zp = Z.data_ptr<float>();
+  const float* qp = Q.data_ptr<float>();
+  const DT bdt = dt_of(weight.scalar_type()), odt = dt_of(out.scalar_type());
+  const char* bp = static_cast<const char*>(weight.data_ptr());
+  char* op = static_cast<char*>(out.data_ptr());
+  const int64_t bsz = cpu::dt_size(bdt), osz = cpu::dt_size(odt);
+  constexpr int64_t kRowBlock = 16;  // rows per kernel call: its column tiles reuse Q across 16 rows
+  at::parallel_for(0, rows, kRowBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = begin; m0 < end; m0 += kRowBlock) {
+      const int64_t mc = std::min(kRowBlock, end - m0);
+      kr.expand(zp + m0 * r, r, mc, r, qp, L, L, scale, bp + m0 * ldb * bsz, bdt, ldb, op + m0 * ldo * osz, odt, ldo, 0,
+                nullptr);
+    }
+  });
+}
+
+Tensor merged_fp32(const Kernels& kr, const Tensor& weight, const Tensor& A32, const Tensor& B32, double scale) {
+  Tensor out = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
+  merge_into(kr, weight, A32, B32, static_cast<float>(scale), out);
+  return out;
+}
+
+// y[m, :] = base[m, :] + scale * (drop(x[m, :]) A^T) B^T for m < M (x rows row0 + m of the
+// logical input, for the dropout mask); BT = B^T [r, N] fp32 contiguous, A [r, K].
+void lowrank_forward(const Kernels& kr, const View& x, int64_t M, int64_t K, int64_t row0, const float* A, int64_t r,
+                     const float* BT, int64_t N, float scale, const Drop* drop, const float* base, int64_t ldb,
+                     void* out, DT odt, int64_t ldo) {
+  const bool direct = x.dt == DT::f32 && x.cs == 1 && drop == nullptr;
+  const int64_t step = step_rows(K);
+  const int64_t nsteps = (M + step - 1) / step;
+  const int64_t osz = cpu::dt_size(odt);
+  at::parallel_for(0, nsteps, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<float> xbuf(direct ? 0 : step * K), xa(step * r);
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t m0 = s * step, mc = std::min(step, M - m0);
+      const float* X = reinterpret_cast<const float*>(x.row(m0));
+      int64_t ldx = x.rs;
+      if (!direct) {
+        kr.stage(x.row(m0), x.dt, x.rs, x.cs, mc, K, xbuf.data(), K, row0 + m0, drop);
+        X = xbuf.data(), ldx = K;
+      }
+      kr.shrink(X, ldx, mc, K, A, K, r, xa.data(), r);
+      kr.expand(xa.data(), r, mc, r, BT, N, N, scale, base + m0 * ldb, DT::f32, ldb,
+                static_cast<char*>(out) + m0 * ldo * osz, odt, ldo, 0, nullptr);
+    }
+  });
+}
+
+struct BackwardPass {
+  View g, x;
+  int64_t M = 0, K = 0, N = 0, r = 0, row0 = 0;
+  const float* A = nullptr;   // [r, K]
+  const float* BT = nullptr;  // [r, N]
+  const Drop* drop = nullptr;
+  bool need_a = false, need_b = false, need_bias = false;
+  // low-rank dx term (dx_out == nullptr: none): dx_out = dx_base + mask * dx_scale * (gb A)
+  const float* dx_base = nullptr;
+  int64_t dx_ldb = 0;
+  void* dx_out = nullptr;
+  DT dx_dt = DT::f32;
+  int64_t dx_ldo = 0;
+  float dx_scale = 0.0f;
+  // accumulators, added to: dA [r, K], dB^T [r, N], dbias [N]
+  float* acc_a = nullptr;
+  float* acc_bt = nullptr;
+  float* acc_bias = nullptr;
+
+  bool any() const { return need_a || need_b || need_bias || dx_out != nullptr; }
+};
+
+void lowrank_backward(const Kernels& kr, const BackwardPass& a) {
+  const int64_t M = a.M, K = a.K, N = a.N, r = a.r;
+  if (M == 0 || !a.any()) return;
+  const bool want_x = a.need_a || a.need_b;
+  const bool want_gb = a.need_a || a.dx_out != nullptr;
+  const bool x_direct = a.x.dt == DT::f32 && a.x.cs == 1 && a.drop == nullptr;
+  const bool g_direct = a.g.dt == DT::f32 && a.g.cs == 1;
+  const int64_t step = step_rows(std::max(K, N));
+  const int64_t nsteps = (M + step - 1) / step;
+  const int64_t nblk = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nsteps));
+  std::vector<float> pa(a.need_a ? nblk * r * K : 0, 0.0f), pb(a.need_b ? nblk * r * N : 0, 0.0f);
+  std::vector<float> pbias(a.need_bias ? nblk * N : 0, 0.0f);
+  const int64_t dx_osz = cpu::dt_size(a.dx_dt);
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> xbuf(want_x && !x_direct ? step * K : 0), gbuf(g_direct ? 0 : step * N);
+    std::vector<float> xa(a.need_b ? step * r : 0), gb(want_gb ? step * r : 0);
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t s = nsteps * b / nblk; s < nsteps * (b + 1) / nblk; ++s) {
+        const int64_t m0 = s * step, mc = std::min(step, M - m0);
+        const float* G = reinterpret_cast<const float*>(a.g.row(m0));
+        int64_t ldg = a.g.rs;
+        if (!g_direct) {
+          kr.stage(a.g.row(m0), a.g.dt, a.g.rs, a.g.cs, mc, N, gbuf.data(), N, 0, nullptr);
+          G = gbuf.data(), ldg = N;
+        }
+        const float* X = reinterpret_cast<const float*>(a.x.row(m0));
+        int64_t ldx = a.x.rs;
+        if (want_x && !x_direct) {
+          kr.stage(a.x.row(m0), a.x.dt, a.x.rs, a.x.cs, mc, K, xbuf.data(), K, a.row0 + m0, a.drop);
+          X = xbuf.data(), ldx = K;
+        }
+        if (a.need_b) {
+          kr.shrink(X, ldx, mc, K, a.A, K, r, xa.data(), r);
+          kr.outer(xa.data(), r, G, ldg, mc, r, N, pb.data() + b * r * N, N);
+        }
+        if (want_gb) kr.shrink(G, ldg, mc, N, a.BT, N, r, gb.data(), r);
+        if (a.need_a) kr.outer(gb.data(), r, X, ldx, mc, r, K, pa.data() + b * r * K, K);
+        if (a.need_bias) kr.colsum(G, ldg, mc, N, pbias.data() + b * N);
+        if (a.dx_out) {
+          kr.expand(gb.data(), r, mc, r, a.A, K, K, a.dx_scale, a.dx_base + m0 * a.dx_ldb, DT::f32, a.dx_ldb,
+                    static_cast<char*>(a.dx_out) + m0 * a.dx_ldo * dx_osz, a.dx_dt, a.dx_ldo, a.row0 + m0, a.drop);
+        }
+      }
+    }
+  });
+  auto reduce = [nblk](float* acc, const std::vector<float>& parts, int64_t n) {
+    for (int64_t b = 0; b < nblk; ++b) {
+      const float* p = parts.data() + b * n;
+      for (int64_t i = 0; i < n; ++i) acc[i] += p[i];
+    }
+  };
+  if (a.need_a) reduce(a.acc_a, pa, r * K);
+  if (a.need_b) reduce(a.acc_bt, pb, r * N);
+  if (a.need_bias) reduce(a.acc_bias, pbias, N);
+}
+
+View offset_rows(View v, int64_t m0) {
+  v.p = v.row(m0);
+  return v;
+}
+
+}  // namespace
+
+bool fused_cpu_kernels_apply(at::ScalarType dtype, int64_t rank) {
+  if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) return false;
+  if (rank > cpu::kMaxFusedRank) return false;
+  return cpu::active_kernels() != nullptr;
+}
+
+Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                             const Tensor& lora_A, const Tensor& lora_B, double scale, double dropout_p,
+                             const std::optional<Tensor>& dropout_seed, int64_t strategy) {
+  const Kernels& kr = *cpu::active_kernels();
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  Tensor y = at::empty({M, N}, x.options());
+  if (M == 0) return y;
+  const bool lowp = x.scalar_type() != at::kFloat;
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool merge = use_merge_forward(strategy, M, N, K, x.element_size(), dropout_p);
+  const DropoutArgs drop = make_dropout(dropout_p, dropout_seed);
+  const float branch_scale = static_cast<float>(scale * drop.factor);
+  const Tensor A32 = lora_A.to(at::kFloat).contiguous(), B32 = lora_B.to(at::kFloat).contiguous();
+  const bool branch = !merge && !drop.branch_zero;
+  const Tensor BT32 = branch ? B32.t().contiguous() : Tensor();
+
+  if (!lowp) {
+    const Tensor W = merge ? merged_fp32(kr, weight, A32, B32, scale) : weight;
+    if (has_bias) {
+      at::addmm_out(y, *bias, x, W.t());
+    } else {
+      at::mm_out(y, x, W.t());
+    }
+    if (!branch) return y;
+    lowrank_forward(kr, view_of(x), M, K, 0, A32.data_ptr<float>(), r, BT32.data_ptr<float>(), N, branch_scale,
+                    drop.ptr(), y.data_ptr<float>(), N, y.data_ptr(), DT::f32, N);
+    return y;
+  }
+
+  // bf16 / fp16: the base GEMM in fp32 chunk by chunk; the branch is added to the fp32 chunk
+  // and the sum rounded once into y.
+  const Tensor W = merge ? merged_fp32(kr, weight, A32, B32, scale) : weight.to(at::kFloat);
+  const Tensor bias_acc = has_bias ? bias->to(at::kFloat) : Tensor();
+  const View xv = view_of(x);
+  const DT odt = dt_of(x.scalar_type());
+  const int64_t rows = gemm_chunk_rows(M, std::max(K, N));
+  for (int64_t m0 = 0; m0 < M; m0 += rows) {
+    const int64_t mc = std::min(rows, M - m0);
+    const Tensor x_c = x.narrow(0, m0, mc).to(at::kFloat);
+    Tensor out = has_bias ? at::addmm(bias_acc, x_c, W.t()) : at::mm(x_c, W.t());
+    Tensor y_c = y.narrow(0, m0, mc);
+    if (!branch) {
+      y_c.copy_(out);
+      continue;
+    }
+    out = out.contiguous();
+    lowrank_forward(kr, offset_rows(xv, m0), mc, K, m0, A32.data_ptr<float>(), r, BT32.data_ptr<float>(), N,
+                    branch_scale, drop.ptr(), out.data_ptr<float>(), N, y_c.data_ptr(), odt, N);
+  }
+  return y;
+}
+
+GradTuple lora_linear_backward_cpu_fused(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
+                                         const Tensor& lora_A, const Tensor& lora_B, double scale, double dropout_p,
+                                         const std::optional<Tensor>& dropout_seed, int64_t strategy,
+                                         std::array<bool, 5> output_mask) {
+  const Kernels& kr = *cpu::active_kernels();
+  const auto [need_x, need_w, need_bias, need_a, need_b] = output_mask;
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  const bool lowp = x.scalar_type() != at::kFloat;
+  const DropoutArgs drop = make_dropout(dropout_p, dropout_seed);
+  const bool branch = !drop.branch_zero;
+  const float branch_scale = static_cast<float>(scale * drop.factor);
+  const bool merge_dx = need_x && branch && use_merge_backward(strategy, M, N, K, x.element_size(), dropout_p);
+  const bool lora_x_term = need_x && branch && !merge_dx;
+  const Tensor A32 = lora_A.to(at::kFloat).contiguous(), B32 = lora_B.to(at::kFloat).contiguous();
+  const Tensor BT32 = B32.t().contiguous();
+  const auto f32 = x.options().dtype(at::kFloat);
+
+  auto empty = [&] { return at::empty({0}, x.options()); };
+  Tensor grad_x = need_x ? at::empty({M, K}, x.options()) : empty();
+  Tensor grad_w = empty(), grad_bias = empty();
+  Tensor acc_a = need_a ? at::zeros({r, K}, f32) : Tensor();
+  Tensor acc_bt = need_b ? at::zeros({r, N}, f32) : Tensor();
+  Tensor acc_bias = need_bias ? at::zeros({N}, f32) : Tensor();
+
+  Tensor W_dx;
+  if (need_x && M > 0) {
+    W_dx = merge_dx ? merged_fp32(kr, weight, A32, B32, scale) : (lowp ? weight.to(at::kFloat) : weight);
+  }
+
+  BackwardPass pass;
+  pass.K = K, pass.N = N, pass.r = r;
+  pass.A = A32.data_ptr<float>(), pass.BT = BT32.data_ptr<float>();
+  pass.drop = drop.ptr();
+  pass.need_a = need_a && branch, pass.need_b = need_b && branch, pass.need_bias = need_bias;
+  pass.acc_a = need_a ? acc_a.data_ptr<float>() : nullptr;
+  pass.acc_bt = need_b ? acc_bt.data_ptr<float>() : nullptr;
+  pass.acc_bias = need_bias ? acc_bias.data_ptr<float>() : nullptr;
+  pass.dx_scale = branch_scale;
+
+  if (!lowp) {
+    if (need_x && M > 0) at::mm_out(grad_x, grad_out, W_dx);
+    if (need_w) grad_w = at::mm(grad_out.t(), x);
+    pass.g = view_of(grad_out), pass.x = view_of(x), pass.M = M, pass.row0 = 0;
+    if (lora_x_term && M > 0) {
+      pass.dx_base = grad_x.data_ptr<float>(), pass.dx_ldb = K;
+      pass.dx_out = grad_x.data_ptr(), pass.dx_dt = DT::f32, pass.dx_ldo = K;
+    }
+    lowrank_backward(kr, pass);
+  } else if (need_x || need_w) {
+    // bf16 / fp16 with base gradients: the ATen GEMMs need fp32 chunks of g (and x); the fused
+    // pass reads the widened g chunk and the original x, and rounds dx once.
+    Tensor grad_w_acc = need_w ? at::zeros({N, K}, f32) : Tensor();
+    const View xv = view_of(x);
+    const DT xdt = dt_of(x.scalar_type());
+    const int64_t rows = gemm_chunk_rows(M, std::max(K, N));
+    for (int64_t m0 = 0; m0 < M; m0 += rows) {
+      const int64_t mc = std::min(rows, M - m0);
+      const Tensor g_c = grad_out.narrow(0, m0, mc).to(at::kFloat);
+      Tensor dx_c = need_x ? at::mm(g_c, W_dx) : Tensor();
+      BackwardPass p = pass;
+      p.g = view_of(g_c), p.x = offset_rows(xv, m0), p.M = mc, p.row0 = m0;
+      if (lora_x_term) {
+        dx_c = dx_c.contiguous();
+        p.dx_base = dx_c.data_ptr<float>(), p.dx_ldb = K;
+        p.dx_out = grad_x.narrow(0, m0, mc).data_ptr(), p.dx_dt = xdt, p.dx_ldo = K;
+      }
+      lowrank_backward(kr, p);
+      if (need_x && !lora_x_term) grad_x.narrow(0, m0, mc).copy_(dx_c);
+      if (need_w) grad_w_acc.addmm_(g_c.t(), x.narrow(0, m0, mc).to(at::kFloat));
+    }
+    if (need_w) grad_w = grad_w_acc.to(weight.scalar_type());
+  } else {
+    // bf16 / fp16, adapter (and bias) gradients only: one pass over the original g and x.
+    pass.g = view_of(grad_out), pass.x = view_of(x), pass.M = M, pass.row0 = 0;
+    lowrank_backward(kr, pass);
+  }
+
+  const Tensor grad_a = need_a ? acc_a.mul_(branch_scale).to(lora_A.scalar_type()) : empty();
+  const Tensor grad_b = need_b ? acc_bt.t().mul(branch_scale).to(lora_B.scalar_type()).contiguous() : empty();
+  if (need_bias) grad_bias = acc_bias.to(x.scalar_type());
+  return {grad_x, grad_w, grad_bias, grad_a, grad_b};
+}
+
+void merged_rows_into_fused(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B, double scale,
+                            Tensor& out) {
+  const Kernels& kr = *cpu::active_kernels();
+  const Tensor A32 = lora_A.to(at::kFloat).contiguous(), B32 = lora_B.to(at::kFloat).contiguous();
+  merge_into(kr, weight, A32, B32, static_cast<float>(scale), out);
+}
+
+}  // namespace lora_ext

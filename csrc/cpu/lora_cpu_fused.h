@@ -1,0 +1,32 @@
+// CPU ops on the fused low-rank kernels (csrc/cpu/kernels): fp32, bf16 and fp16 with
+// rank <= kMaxFusedRank. lora_cpu.cpp hands an op over when fused_cpu_kernels_apply()
+// says so (after its input checks) and keeps its ATen path for float64, larger ranks and
+// the "aten" variant. The base GEMMs stay ATen/BLAS calls.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+
+#include "../ops.h"
+
+namespace lora_ext {
+
+bool fused_cpu_kernels_apply(at::ScalarType dtype, int64_t rank);
+
+at::Tensor lora_linear_cpu_fused(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
+                                 const std::optional<at::Tensor>& dropout_seed, int64_t strategy);
+
+GradTuple lora_linear_backward_cpu_fused(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                         const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                                         double dropout_p, const std::optional<at::Tensor>& dropout_seed,
+                                         int64_t strategy, std::array<bool, 5> output_mask);
+
+// out = weight + scale * lora_B lora_A, accumulated in fp32 and rounded once into out's dtype
+// (out may be weight itself: the in-place merge reads and writes W once).
+void merged_rows_into_fused(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                            double scale, at::Tensor& out);
+
+}  // namespace lora_ext

@@ -1,0 +1,233 @@
+"""The fused CPU kernel variants (csrc/cpu/kernels): every variant this CPU runs, forced
+through lora_ext._C.set_cpu_kernel, against float64 with the tolerance rule of conftest.py.
+
+Covers lora_linear forward and every gradient (autograd and the raw ops), merge_/unmerge_/
+merged_weight, fp32/bf16/fp16, odd shapes, r = 1 ... 128 and r = 129 (the ATen fallback),
+M = 1 and M = 0, dropout, non-contiguous x, an expanded grad and partial output masks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DTYPE_IDS, DTYPES, assert_rule, make_inputs, requires_extension, torch_lora
+
+import lora_ext
+
+pytestmark = requires_extension
+
+VARIANTS = ["default", "avx2", "avx512"]
+SCALE = 1.75
+# (M, K, N, r): odd sizes that miss every vector and tile, r = 1, 16, 128, the fallback 129, M = 1
+SHAPES = [(37, 129, 67, 5), (37, 129, 67, 1), (70, 96, 80, 16), (23, 136, 72, 128), (19, 40, 30, 129), (1, 129, 67, 5)]
+STRATEGY_CODES = {"auto": 0, "shrink_expand": 1, "merge": 2}
+
+
+def _C():
+    from lora_ext import _loader
+
+    return _loader._C
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request):
+    name = request.param
+    C = _C()
+    if not C.cpu_kernel_variants()[name]:
+        needs = "AVX-512 F/BW/VL/DQ" if name == "avx512" else "AVX2/FMA/F16C"
+        pytest.skip(f"this CPU cannot run the '{name}' kernels (needs {needs})")
+    before = C.cpu_kernel()
+    assert C.set_cpu_kernel(name) == name
+    assert C.cpu_kernel() == name
+    yield name
+    C.set_cpu_kernel(before)
+
+
+def _run(fn, inputs, grad):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+    y = fn(*leaves)
+    grads = torch.autograd.grad(y, [t for t in leaves if t is not None], grad)
+    return y.detach(), grads
+
+
+def _check_all(dtype, inputs, fn, keep=None, p=0.0, grad=None):
+    x, w = inputs[0], inputs[1]
+    if grad is None:
+        grad = torch.randn(*x.shape[:-1], w.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref_fn = lambda x, w, a, b, bias: torch_lora(x, w, a, b, SCALE, bias, keep=keep, p=p)  # noqa: E731
+    ours = _run(fn, inputs, grad.to(dtype))
+    ref = _run(ref_fn, [t.double() if t is not None else None for t in inputs], grad.double())
+    plain = _run(ref_fn, inputs, grad.to(dtype))
+    assert_rule("y", ours[0], ref[0], plain[0], dtype)
+    for name, o, r, t in zip(["grad_x", "grad_weight", "grad_A", "grad_B", "grad_bias"], ours[1], ref[1], plain[1]):
+        assert_rule(name, o, r, t, dtype)
+
+
+def test_variant_switch_reports_and_refuses():
+    C = _C()
+    variants = C.cpu_kernel_variants()
+    assert variants["default"] and variants["aten"]
+    before = C.cpu_kernel()
+    try:
+        assert C.set_cpu_kernel("aten") == "aten"
+        auto = C.set_cpu_kernel("auto")
+        cap = torch.backends.cpu.get_cpu_capability()
+        if cap == "AVX2" and variants["avx2"]:
+            assert auto == "avx2"
+        with pytest.raises(RuntimeError, match="unknown CPU kernel variant"):
+            C.set_cpu_kernel("sse9")
+        for name in ("avx2", "avx512"):
+            if not variants[name]:
+                with pytest.raises(RuntimeError, match="needs instructions this CPU lacks"):
+                    C.set_cpu_kernel(name)
+    finally:
+        C.set_cpu_kernel(before)
+
+
+@pytest.mark.parametrize("strategy", ["shrink_expand", "merge"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_forward_and_grads(variant, dtype, shape, strategy):
+    m, k, n, r = shape
+    inputs = make_inputs(m, k, n, r, dtype, bias=True)
+    _check_all(
+        dtype, inputs, lambda x, w, a, b, bb: lora_ext.lora_linear(x, w, a, b, SCALE, bias=bb, strategy=strategy)
+    )
+
+
+@pytest.mark.parametrize(
+    "shape", [(45, 70, 33, 4), (40, 129, 67, 16), (9, 136, 40, 128)], ids=lambda s: "x".join(map(str, s))
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_dropout(variant, dtype, shape):
+    m, k, n, r = shape
+    p = 0.3
+    inputs = make_inputs(m, k, n, r, dtype, batch=(2,))
+    torch.manual_seed(123)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64)  # the wrapper draws exactly this
+    keep = lora_ext.dropout_mask(seed, 2 * m, k, p)
+
+    def fused(x, w, a, b, bb):
+        torch.manual_seed(123)
+        return lora_ext.lora_linear(x, w, a, b, SCALE, bias=bb, dropout_p=p)
+
+    _check_all(dtype, inputs, fused, keep=keep, p=p)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_raw_ops_partial_masks_and_dropout(variant, dtype):
+    m, k, n, r = 29, 77, 45, 6
+    p = 0.25
+    x, w, a, b, _ = make_inputs(m, k, n, r, dtype, bias=False)
+    seed = torch.tensor(2**40 + 12345, dtype=torch.int64)
+    keep = lora_ext.dropout_mask(seed, m, k, p)
+    g64 = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ops = torch.ops.lora_ext
+    for strategy in (1, 2):
+        y = ops.lora_linear(x, w, None, a, b, SCALE, p, seed, strategy)
+        ref = torch_lora(x.double(), w.double(), a.double(), b.double(), SCALE, keep=keep, p=p)
+        assert_rule("y", y, ref, torch_lora(x, w, a, b, SCALE, keep=keep, p=p), dtype)
+        leaves64 = [t.double().requires_grad_(True) for t in (x, w, a, b)]
+        want64 = torch.autograd.grad(torch_lora(*leaves64, SCALE, keep=keep, p=p), leaves64, g64)
+        leaves = [t.clone().requires_grad_(True) for t in (x, w, a, b)]
+        want = torch.autograd.grad(torch_lora(*leaves, SCALE, keep=keep, p=p), leaves, g64.to(dtype))
+        for mask in ([True] * 5, [False, False, False, True, True], [True, False, False, False, False]):
+            got = ops.lora_linear_backward(g64.to(dtype), x, w, a, b, SCALE, p, seed, strategy, mask)
+            for slot, idx in ((0, 0), (1, 1), (3, 2), (4, 3)):
+                if mask[slot]:
+                    assert_rule(f"grad {slot} mask {mask}", got[slot], want64[idx], want[idx], dtype)
+                else:
+                    assert got[slot].numel() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_noncontiguous_x_and_expanded_grad(variant, dtype):
+    m, k, n, r = 40, 52, 36, 7
+    x, w, a, b, bias = make_inputs(m, k, n, r, dtype)
+    fn = lambda x, w, a, b, bb: lora_ext.lora_linear(x, w, a, b, SCALE, bias=bb, strategy="shrink_expand")  # noqa: E731
+    g = torch.randn(1, n, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).expand(m, n)
+    for xx in (x.t().contiguous().t(), torch.stack([x, x], dim=-1)[..., 0]):
+        _check_all(dtype, [xx, w, a, b, bias], fn, grad=g)
+    # stride-0 rows in grad_out give exactly what the materialised grad gives
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, a, b, bias)]
+    y = lora_ext.lora_linear(*leaves[:4], SCALE, bias=leaves[4])
+    got = torch.autograd.grad(y, leaves, g.to(dtype))
+    y = lora_ext.lora_linear(*leaves[:4], SCALE, bias=leaves[4])
+    want = torch.autograd.grad(y, leaves, g.to(dtype).contiguous())
+    for gg, ww in zip(got, want):
+        torch.testing.assert_close(gg, ww, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_empty_batch(variant, dtype):
+    x, w, a, b, bias = make_inputs(0, 16, 8, 2, dtype)
+    leaves = [t.requires_grad_(True) for t in (x, w, a, b, bias)]
+    y = lora_ext.lora_linear(*leaves[:4], 1.0, bias=leaves[4], dropout_p=0.2)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert leaves[0].grad.shape == (0, 16)
+    for t in leaves[1:]:
+        assert t.grad.shape == t.shape and torch.count_nonzero(t.grad) == 0
+
+
+def _ulp(t: torch.Tensor) -> torch.Tensor:
+    f = t.abs().double().clamp_min(torch.finfo(t.dtype).tiny)
+    return torch.pow(2.0, torch.floor(torch.log2(f))) * torch.finfo(t.dtype).eps
+
+
+@pytest.mark.parametrize("sign", [1, -1], ids=["merge", "unmerge"])
+@pytest.mark.parametrize(
+    "shape", [(67, 129, 5), (3, 8, 1), (48, 300, 16), (33, 47, 128), (40, 50, 129)], ids=lambda s: "x".join(map(str, s))
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_merge(variant, dtype, shape, sign):
+    n, k, r = shape
+    _, w, a, b, _ = make_inputs(1, k, n, r, dtype, bias=False)
+    s = 0.75
+    ref = w.double() + sign * s * (b.double() @ a.double())
+    out = w.clone()
+    (lora_ext.merge_ if sign > 0 else lora_ext.unmerge_)(out, a, b, s)
+    assert_rule("merged W", out, ref, w + sign * s * (b @ a), dtype)
+    if dtype != torch.float32:  # fp32 accumulation, one rounding
+        slack = 2.0**-20 * (w.double().abs() + s * (b.double().abs() @ a.double().abs()))
+        assert ((out.double() - ref).abs() <= _ulp(ref.to(dtype)) + slack).all()
+    torch.testing.assert_close(lora_ext.merged_weight(w, a, b, sign * s), out, rtol=0, atol=0)
+    # a column-major W (transposed tiles) and an offset view give the same bits (the fused kernels
+    # sum over the rank in one order for every layout; BLAS, behind r = 129 in fp32, may not)
+    exact = {"rtol": 0, "atol": 0} if (r <= 128 or dtype != torch.float32) else {}
+    w_t = w.t().contiguous().t()
+    lora_ext.merge_(w_t, a, b, sign * s)
+    torch.testing.assert_close(w_t, out, **exact)
+    storage = torch.zeros(3 + n * k, dtype=dtype)
+    w_off = storage[3:].view(n, k)
+    w_off.copy_(w)
+    lora_ext.merge_(w_off, a, b, sign * s)
+    torch.testing.assert_close(w_off, out, rtol=0, atol=0)
+    assert torch.count_nonzero(storage[:3]) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_merge_keeps_nan_and_inf(variant, dtype):
+    _, w, a, b, _ = make_inputs(1, 40, 20, 4, dtype, bias=False)
+    w[0, 0], w[1, 1], w[2, 2] = float("nan"), float("inf"), -float("inf")
+    out = lora_ext.merged_weight(w, a, b, 0.5)
+    assert out[0, 0].isnan() and out[1, 1] == float("inf") and out[2, 2] == -float("inf")
+    assert torch.isfinite(out[3:]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_variant_agrees_with_aten_path(variant, dtype):
+    C = _C()
+    m, k, n, r = 50, 100, 60, 8
+    inputs = make_inputs(m, k, n, r, dtype)
+    fn = lambda x, w, a, b, bb: lora_ext.lora_linear(x, w, a, b, SCALE, bias=bb, strategy="shrink_expand")  # noqa: E731
+    g = torch.randn(m, n, generator=torch.Generator().manual_seed(9)).to(dtype)
+    ours = _run(fn, inputs, g)
+    C.set_cpu_kernel("aten")
+    try:
+        theirs = _run(fn, inputs, g)
+    finally:
+        C.set_cpu_kernel(variant)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    for o, t in zip([ours[0], *ours[1]], [theirs[0], *theirs[1]]):
+        torch.testing.assert_close(o, t, rtol=tol, atol=tol)
