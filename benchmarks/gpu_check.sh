@@ -23,7 +23,7 @@
 #   racecheck    compute-sanitizer racecheck of the lora_ext kernels (shared-memory hazards)
 #   memcheck     compute-sanitizer memcheck of the lora_ext kernels (out-of-bounds, misaligned)
 #   initcheck    compute-sanitizer initcheck (reads of device memory nothing wrote)
-#   bench        benchmarks/bench_gpu.py (else `python -m benchmarks.run --device cuda`)
+#   bench        `python -m benchmarks.run --device cuda --quick` (the GPU part of the one harness)
 # The sanitizers run benchmarks/gpu_sanitize_case.py (every CUDA op, odd shapes, r = 40)
 # with PYTORCH_NO_CUDA_MEMORY_CACHING=1, so every tensor is its own cudaMalloc: an
 # out-of-bounds access hits a real allocation end and initcheck sees every fresh
@@ -371,11 +371,7 @@ sanitize() {
 }
 
 bench() {
-  if [[ -f benchmarks/bench_gpu.py ]]; then
-    "$PYTHON" benchmarks/bench_gpu.py --out "$LOG_DIR/bench"
-  else
-    "$PYTHON" -m benchmarks.run --device cuda --out "$LOG_DIR/bench"
-  fi
+  "$PYTHON" -m benchmarks.run --device cuda --quick --out "$LOG_DIR/bench"
 }
 
 export -f gpu_present environment build check_spills check_junit check_sanitizer spills cuda_tests has_option sanitize bench

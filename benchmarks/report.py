@@ -1,4 +1,4 @@
-"""Tables, goal checks, the markdown report and the PNG plots of a benchmark run."""
+"""Tables, the goal table (from benchmarks/goals.py), the markdown report and the PNG plots of a benchmark run."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import warnings
 from typing import Any
 
-from . import common
+from . import common, goals
 
 Row = dict[str, Any]
 
@@ -50,6 +50,7 @@ def lora_linear_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
         "fwd+bwd ×base",
         "bwd ×base",
         "fwd+bwd ×PEFT",
+        "share of PEFT overhead",
         "train peak MiB",
         "over base MiB",
     ]
@@ -78,6 +79,7 @@ def lora_linear_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
             r.get("ratio_fwd_bwd"),
             r.get("ratio_backward"),
             r.get("vs_peft_fwd_bwd"),
+            r.get("peft_overhead_share"),
             _mib(r.get("peak_mem_train_MiB")),
             _mib(r.get("mem_over_base_MiB")),
         ]
@@ -91,9 +93,9 @@ def lora_linear_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
 
 def merge_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
     rows = [r for r in rows if r.get("bench") == "merge"]
-    headers = ["N", "K", "r", "dtype", "method", "op", "ms", "GB/s", "of copy bw", "peak extra MiB"]
+    headers = ["N", "K", "r", "dtype", "method", "op", "ms", "GB/s", "of copy bw", "×addmm_", "peak extra MiB"]
     order = {"copy": 0, "lora_ext": 1, "fallback": 1, "peft": 2, "torch_addmm": 3}
-    rows = sorted(rows, key=lambda r: (r["N"], r["K"], r["r"], order.get(r["method"], 9), r["op"]))
+    rows = sorted(rows, key=lambda r: (r["N"], r["K"], r["r"], r["dtype"], order.get(r["method"], 9), r["op"]))
     return headers, [
         [
             r["N"],
@@ -105,6 +107,7 @@ def merge_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
             r["ms"],
             r["GB_per_s"],
             r["frac_of_copy_bw"],
+            r.get("vs_addmm"),
             r["peak_mem_MiB"],
         ]
         for r in rows
@@ -136,7 +139,9 @@ def e2e_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
         "fwd ms",
         "bwd ms",
         "optim ms",
+        "over floor ms",
         "×PEFT time",
+        "share of PEFT overhead",
         "peak MiB",
         "×PEFT mem",
         "trainable",
@@ -157,13 +162,67 @@ def e2e_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
                 r["forward_ms"],
                 r["backward_ms"],
                 r["optimizer_ms"],
+                r.get("over_floor_ms"),
                 r.get("vs_peft_step"),
+                r.get("peft_overhead_share"),
                 r["peak_mem_MiB"],
                 r.get("vs_peft_mem"),
                 r["trainable_params"],
             ]
         )
     return headers, out
+
+
+def percall_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
+    headers = ["M", "K", "N", "r", "method", "fwd+bwd µs", "over F.linear µs", "×PEFT", "share of PEFT overhead"]
+    rows = [r for r in rows if r.get("bench") == "percall"]
+    return headers, [
+        [
+            r["M"],
+            r["K"],
+            r["N"],
+            r["r"],
+            r["method"],
+            r["fwd_bwd_us"],
+            r["over_floor_us"],
+            r.get("vs_peft"),
+            r.get("peft_overhead_share"),
+        ]  # fmt: skip
+        for r in rows
+    ]
+
+
+def nf4_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
+    headers = ["M", "K", "N", "r", "dtype", "method", "fwd+bwd ms", "×base", "×bnb+peft"]
+    out = []
+    for r in rows:
+        if r.get("bench") != "nf4":
+            continue
+        if "error" in r:
+            out.append(
+                [r["M"], r["K"], r["N"], r["r"], r["dtype"], r["method"], "skipped: " + r["error"][:80], None, None]
+            )
+            continue
+        out.append([r["M"], r["K"], r["N"], r["r"], r["dtype"], r["method"], r["fwd_bwd_ms"], r["ratio_fwd_bwd"],
+                    r.get("vs_bnb_peft")])  # fmt: skip
+    return headers, out
+
+
+def nf4_bits_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
+    headers = ["NF4 weight", "blocksize", "double quant", "bits / parameter"]
+    rows = [r for r in rows if r.get("bench") == "nf4_bits"]
+    return headers, [[r["layer"], r["blocksize"], r["double_quant"], r["bits_per_param"]] for r in rows]
+
+
+TABLES = (  # (title, table function): the terminal output and the report, in this order
+    ("LoRA linear", lora_linear_table),
+    ("per-call overhead (one layer, fwd+bwd)", percall_table),
+    ("merge_/unmerge_", merge_table),
+    ("bf16 drift", drift_table),
+    ("QLoRA (NF4) layer", nf4_table),
+    ("NF4 storage", nf4_bits_table),
+    ("end to end", e2e_table),
+)
 
 
 def finetune_lines(ft: dict[str, Any]) -> list[str]:
@@ -200,91 +259,9 @@ def _find(rows: list[Row], **kw) -> Row | None:
     return None
 
 
-def goals(rows: list[Row], meta: dict[str, Any]) -> list[list[Any]]:
-    """[goal, measured, target, met?] for every goal whose measurement is in ``rows``."""
-    out: list[list[Any]] = []
-    threads = meta.get("torch_threads")
-    if meta.get("device") == "cpu" and meta.get("dtype") == "fp32":
-        for method in ("lora_ext[auto]", "lora_ext[shrink_expand]", "lora_ext[merge]", "fallback"):
-            r = _find(rows, bench="lora_linear", M=8192, K=1024, N=1024, r=16, method=method)
-            if r is None:
-                continue
-            note = f" ({threads} threads)"
-            v = r.get("ratio_fwd_bwd")
-            out.append(
-                [
-                    f"CPU fp32 M=8192 K=N=1024 r=16: {method} fwd+bwd ÷ frozen base{note}",
-                    v,
-                    "≤ 1.10",
-                    v is not None and v <= 1.10,
-                ]
-            )
-            v = r.get("vs_peft_fwd_bwd")
-            out.append(
-                [
-                    f"CPU fp32 M=8192 K=N=1024 r=16: {method} fwd+bwd ÷ PEFT{note}",
-                    v,
-                    "≤ 0.75",
-                    v is not None and v <= 0.75,
-                ]
-            )
-    if meta.get("device") == "cuda" and meta.get("dtype") == "bf16":
-        for method in ("lora_ext[auto]", "lora_ext[shrink_expand]", "lora_ext[merge]"):
-            r = _find(rows, bench="lora_linear", M=8192, K=4096, N=4096, r=16, method=method)
-            if r is None:
-                continue
-            v = r.get("ratio_forward")
-            out.append(
-                [
-                    f"GPU bf16 M=8192 K=N=4096 r=16: {method} forward ÷ frozen base",
-                    v,
-                    "≤ 1.05",
-                    v is not None and v <= 1.05,
-                ]
-            )
-            v = r.get("ratio_fwd_bwd")
-            out.append(
-                [
-                    f"GPU bf16 M=8192 K=N=4096 r=16: {method} fwd+bwd ÷ frozen base",
-                    v,
-                    "≤ 1.10",
-                    v is not None and v <= 1.10,
-                ]
-            )
-        r = _find(rows, bench="merge", N=4096, K=4096, r=16, method="lora_ext", op="merge")
-        if r is not None:
-            v = r["frac_of_copy_bw"]
-            out.append(["GPU bf16 4096×4096 r=16: merge_ bandwidth ÷ copy of W", v, "≥ 0.85", v >= 0.85])
-    ext = next(
-        (
-            r
-            for r in rows
-            if r.get("bench") == "e2e_step"
-            and r.get("model") == "tiny-llama"
-            and r.get("status") == "ok"
-            and r["method"].startswith("lora_ext")
-        ),
-        None,
-    )
-    peft = _find(rows, bench="e2e_step", model="tiny-llama", method="peft")
-    if ext is not None and peft is not None:
-        out.append(
-            [
-                "tiny Llama step, LoRA on all linear layers: lora_ext step time ÷ PEFT",
-                ext["step_ms"] / peft["step_ms"],
-                "< 1",
-                ext["step_ms"] < peft["step_ms"],
-            ]
-        )
-        out.append(
-            [
-                "tiny Llama step: lora_ext peak memory ÷ PEFT",
-                ext["peak_mem_MiB"] / peft["peak_mem_MiB"],
-                "≤ 1",
-                ext["peak_mem_MiB"] <= peft["peak_mem_MiB"],
-            ]
-        )
-    return out
+def goal_table(rows: list[Row], meta: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Every goal of this run's device (benchmarks/goals.py): measured value and met / NOT MET / not measured."""
+    return goals.HEADERS, goals.evaluate(rows, meta.get("device", "cpu"))
 
 
 # ------------------------------------------------------------------ plots
@@ -319,6 +296,13 @@ def _plt() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_overhead(rows: list[Row], path: str) -> bool:
     rows = [r for r in rows if r.get("bench") == "lora_linear" and "ratio_fwd_bwd" in r]
     groups: dict[str, list[Row]] = {}
@@ -340,7 +324,9 @@ def plot_overhead(rows: list[Row], path: str) -> bool:
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mth)
             ax.axhline(1.0, color="black", lw=0.8)
-            ax.axhline(1.10 if key == "ratio_fwd_bwd" else 1.05, color="gray", ls="--", lw=0.8)
+            goal = goals.target(rs[0].get("device", "cpu"), "lora_linear", key)
+            if goal is not None:
+                ax.axhline(goal, color="gray", ls="--", lw=0.8)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("tokens M")
             ax.set_ylabel(label)
@@ -353,10 +339,7 @@ def plot_overhead(rows: list[Row], path: str) -> bool:
         if lo > 0 and hi / lo > 20:
             ax.set_yscale("log")
     fig.suptitle("LoRA linear time ÷ frozen base linear\n(1.0 = free; dashed = goal)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def plot_memory(rows: list[Row], path: str) -> bool:
@@ -386,10 +369,7 @@ def plot_memory(rows: list[Row], path: str) -> bool:
     ax.set_title("Peak memory of one layer's training step (inputs and weights excluded)", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def plot_merge(rows: list[Row], path: str) -> bool:
@@ -402,18 +382,18 @@ def plot_merge(rows: list[Row], path: str) -> bool:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ax = axes[0]
-    shapes = sorted({(r["N"], r["K"], r["r"]) for r in speed})
+    shapes = sorted({(r["N"], r["K"], r["r"], r["dtype"]) for r in speed})
     bars = [("copy", "copy"), ("lora_ext", "merge"), ("fallback", "merge"), ("peft", "merge"), ("torch_addmm", "merge")]
     bars = [b for b in bars if any(r["method"] == b[0] for r in speed)]
     width = 0.8 / max(1, len(bars))
     for i, (mth, op) in enumerate(bars):
         vals = []
         for sh in shapes:
-            r = _find(speed, N=sh[0], K=sh[1], r=sh[2], method=mth, op=op)
+            r = _find(speed, N=sh[0], K=sh[1], r=sh[2], dtype=sh[3], method=mth, op=op)
             vals.append(r["GB_per_s"] if r else 0)
         ax.bar([x + i * width for x in range(len(shapes))], vals, width, label=mth if mth == "copy" else f"{mth} {op}")
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))])
-    ax.set_xticklabels([f"{n}×{k}\nr={r}" for n, k, r in shapes], fontsize=8)
+    ax.set_xticklabels([f"{n}×{k}\nr={r} {dt}" for n, k, r, dt in shapes], fontsize=8)
     ax.set_ylabel("GB/s (2·N·K·elem / time)")
     ax.set_title("merge bandwidth (copy of W = floor)", fontsize=10)
     ax.legend(fontsize=7)
@@ -429,10 +409,7 @@ def plot_merge(rows: list[Row], path: str) -> bool:
     ax.set_title("bf16 drift", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def plot_loss(ft: dict[str, Any], path: str) -> bool:
@@ -457,13 +434,50 @@ def plot_loss(ft: dict[str, Any], path: str) -> bool:
     )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 # ------------------------------------------------------------------ markdown
+
+
+SECTIONS = (  # the report's sections: (title, paragraphs and table functions); a section without rows is left out
+    (
+        "LoRA linear",
+        [
+            "Median times; ratios divide by the frozen base `F.linear` of the same shape measured in the same "
+            "process (the fallback: in its own subprocess, against that process' base). `fwd` is inference "
+            "(no_grad); `fwd+bwd` a training step with grads for x, A, B; share = (method − base) / (PEFT − base), "
+            "fwd+bwd. Peak memory: extra bytes at the high-water mark of one training step.",
+            lora_linear_table,
+        ],
+    ),
+    (
+        "Per-call overhead: one layer, K=N=512, r=16, fwd+bwd",
+        [
+            "µs per call: least of several medians of runs of many calls back to back; the floor is "
+            "`F.linear` (frozen W, x requires grad); share = (method − floor) / (PEFT − floor).",
+            percall_table,
+        ],
+    ),
+    (
+        "merge_ / unmerge_",
+        [
+            "In place on W; bandwidth = 2·N·K·elem / time; floor = `copy_` of W.",
+            merge_table,
+            "bf16 drift after repeated merge + unmerge (W and factors bf16):",
+            drift_table,
+        ],
+    ),
+    ("QLoRA: NF4 layer against bitsandbytes Linear4bit + PEFT's LoRA branch", [nf4_table, nf4_bits_table]),
+    (
+        "End to end: one training step (forward, backward, AdamW), LoRA r=16 α=32",
+        [
+            "The floor is the same frozen model without LoRA, its target layers' outputs requiring grad "
+            "(the same activation gradients as with LoRA); share = (method − floor) / (PEFT − floor).",
+            e2e_table,
+        ],
+    ),
+)
 
 
 def markdown(
@@ -477,57 +491,40 @@ def markdown(
         [
             "CPU",
             f"{meta['cpu']} ({meta['cpu_cores']} cores, torch threads {meta['torch_threads']}, "
-            f"1-min load at start {meta['load_avg_1m']})",
+            f"capability {meta.get('cpu_capability')}, 1-min load at start {meta['load_avg_1m']})",
         ],
         ["torch", f"{meta['torch']} (CUDA runtime {meta['cuda_runtime']})"],
-        ["lora_ext", "compiled library" if meta["lora_ext_compiled"] else "pure-PyTorch fallback only"],
-        ["peft / transformers", f"{meta['peft']} / {meta['transformers']}"],
+        [
+            "lora_ext",
+            ("compiled library" if meta["lora_ext_compiled"] else "pure-PyTorch fallback only")
+            + f" ({meta.get('lora_ext_build')})",
+        ],
+        ["peft / transformers / bitsandbytes", f"{meta['peft']} / {meta['transformers']} / {meta.get('bitsandbytes')}"],
         ["mode", "quick" if meta["quick"] else "full"],
         ["wall time", ", ".join(f"{k} {v:.0f} s" for k, v in sorted(timings.items(), key=lambda kv: kv[0] == "total"))],
     ]
     if meta.get("driver"):
-        machine.insert(3, ["driver", meta["driver"]])
+        machine.insert(
+            3, ["GPU", f"driver {meta['driver']}, {meta.get('gpu_memory_gib')} GiB, {meta.get('gpu_sm_count')} SMs"]
+        )
     lines += [common.md_table(["", ""], machine), ""]
-    g = goals(rows, meta)
-    if g:
-        lines += ["## Goals", "", common.md_table(["goal", "measured", "target", "met"], g), ""]
-    lines += [
-        "## LoRA linear",
-        "",
-        "Median times; ratios divide by the frozen base `F.linear` of the same shape measured in the same "
-        "process (the fallback: in its own subprocess, against that process' base). `fwd` is inference "
-        "(no_grad); `fwd+bwd` a training step with grads for x, A, B. Peak memory: extra bytes at the "
-        "high-water mark of one training step.",
-        "",
-        common.md_table(*lora_linear_table(rows)),
-        "",
-    ]
-    if any(r.get("compile_s") for r in rows):
-        lines += [
-            "torch.compile time of the PEFT layer (first inference + training call): "
-            + ", ".join(f"{r['shape']} M={r['M']}: {r['compile_s']:.1f} s" for r in rows if r.get("compile_s")),
-            "",
-        ]
-    if any(r.get("bench") == "merge" for r in rows):
-        lines += [
-            "## merge_ / unmerge_",
-            "",
-            "In place on W; bandwidth = 2·N·K·elem / time; floor = `copy_` of W.",
-            "",
-            common.md_table(*merge_table(rows)),
-            "",
-            "bf16 drift after repeated merge + unmerge (W and factors bf16):",
-            "",
-            common.md_table(*drift_table(rows)),
-            "",
-        ]
-    if any(r.get("bench") == "e2e_step" for r in rows):
-        lines += [
-            "## End to end: one training step (forward, backward, AdamW), LoRA r=16 α=32",
-            "",
-            common.md_table(*e2e_table(rows)),
-            "",
-        ]
+    lines += ["## Goals", "", common.md_table(*goal_table(rows, meta)), ""]
+    for title, items in SECTIONS:
+        tables = [common.md_table(*tbl(rows)) if callable(tbl) and tbl(rows)[1] else None for tbl in items]
+        if not any(tables):
+            continue
+        lines += [f"## {title}", ""]
+        for item, table in zip(items, tables):
+            if not callable(item):
+                lines += [item, ""]
+            elif table:
+                lines += [table, ""]
+        if title == "LoRA linear" and any(r.get("compile_s") for r in rows):
+            lines += [
+                "torch.compile time of the PEFT layer (first inference + training call): "
+                + ", ".join(f"{r['shape']} M={r['M']}: {r['compile_s']:.1f} s" for r in rows if r.get("compile_s")),
+                "",
+            ]
     if ft:
         lines += ["## Real fine-tune: all-MiniLM-L6-v2 with lora_ext", "", *finetune_lines(ft), ""]
     if plots:

@@ -21,7 +21,6 @@ from benchmarks import fixtures  # noqa: E402
 from benchmarks.fixtures import LLAMA_TARGETS, llama_config  # noqa: E402, F401  (re-exported for the tests)
 
 
-
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
     """A 2-layer Llama (hidden 64, vocab 128; the "test" preset of benchmarks/fixtures.py) in eval mode."""
     pytest.importorskip("transformers")

@@ -1,7 +1,8 @@
 """Smoke test of the benchmark suite: the runner in quick mode on a tiny shape set, into a tmp dir.
 
-Checks that the CSVs, the markdown report and the PNG plots exist and parse,
-not the figures themselves (timings on a shared CI machine mean nothing).
+Checks that the CSVs (every part's, each row with the run's environment), the goal
+table, the markdown report and the PNG plots exist and parse, not the figures
+themselves (timings on a shared CI machine mean nothing).
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def test_lora_linear_csv(quick_run):
     for r in rows:
         assert float(r["fwd_bwd_ms"]) > 0 and float(r["forward_ms"]) > 0
         assert float(r["max_rel_err"]) < 1e-4, r  # every contender computes the same function
-        # machine, versions, commit and date on every line
-        for key in ("date_utc", "torch", "device", "commit", "cpu"):
+        # machine, CPU capability, versions, build, commit and date on every line
+        for key in ("date_utc", "torch", "device", "commit", "cpu", "cpu_capability", "lora_ext_build"):
             assert r[key], key
     base = [r for r in rows if r["method"] == "base"]
     assert base and all(abs(float(r["ratio_fwd_bwd"]) - 1.0) < 1e-9 for r in base)
@@ -69,13 +70,37 @@ def test_merge_and_e2e_csv(quick_run):
     assert {r["bench"] for r in merge} == {"merge", "merge_drift"}
     assert any(r["method"] == "copy" for r in merge)
     assert all(float(r["GB_per_s"]) > 0 for r in merge if r["bench"] == "merge")
+    assert all(r["cpu_capability"] for r in merge)
     e2e = _csv(out / "e2e.csv")
     assert {r["model"] for r in e2e} == {"tiny-llama", "all-MiniLM-L6-v2"}
     for r in e2e:
         if r["status"] == "ok":
             assert float(r["step_ms"]) > 0 and float(r["peak_mem_MiB"]) > 0
+            assert float(r["floor_step_ms"]) > 0 and r["peft_overhead_share"]
         else:
             assert r["reason"]
+    ok = [r for r in e2e if r["status"] == "ok" and r["model"] == "tiny-llama"]
+    if ok:  # the floor: same model, frozen, no LoRA, still a backward
+        floor = next(r for r in ok if r["method"].startswith("floor"))
+        assert int(floor["trainable_params"]) == 0 and float(floor["backward_ms"]) > 0
+        assert float(floor["over_floor_ms"]) == 0
+
+
+def test_percall_and_nf4_csv(quick_run):
+    out, _ = quick_run
+    percall = _csv(out / "percall.csv")
+    assert {(int(r["M"]), r["method"]) for r in percall} >= {
+        (m, meth) for m in (1, 16, 128) for meth in ("floor", "lora_ext_layer", "lora_ext_op")
+    }
+    for r in percall:
+        assert float(r["fwd_bwd_us"]) > 0 and r["cpu_capability"]
+        if r["method"] == "floor":
+            assert float(r["over_floor_us"]) == 0
+    nf4 = _csv(out / "nf4.csv")
+    timed = {r["method"]: r for r in nf4 if r["bench"] == "nf4" and not r.get("error")}
+    assert {"base", "lora_ext"} <= set(timed) and float(timed["lora_ext"]["fwd_bwd_ms"]) > 0
+    bits = [float(r["bits_per_param"]) for r in nf4 if r["bench"] == "nf4_bits"]
+    assert bits and all(4.0 < b < 4.6 for b in bits)
 
 
 def test_report_plots_and_json(quick_run):
@@ -84,6 +109,12 @@ def test_report_plots_and_json(quick_run):
     assert report.startswith("# lora_ext benchmark")
     assert "## LoRA linear" in report and "| base |" in report
     assert "LoRA linear" in stdout  # the terminal table
+    assert "== goals" in stdout and "## Goals" in report
+    from benchmarks import goals
+
+    for g in goals.GOALS:  # every CPU goal is listed, measured or not
+        if g.device == "cpu":
+            assert g.text in stdout and g.text in report
     for name in ("overhead.png", "memory.png", "merge.png"):
         data = (out / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 1000, name
@@ -105,6 +136,43 @@ def test_shape_parsing():
     assert common.GOAL_CPU in common.parse_shapes(None, "cpu", quick=False)
     with pytest.raises(SystemExit):
         common.parse_shapes("8192x1024", "cpu", quick=False)
+
+
+def test_goals_from_one_table():
+    """The goal table reads the rows it names: met, NOT MET, or not measured when the row is absent."""
+    from benchmarks import goals
+
+    row = dict(bench="lora_linear", M=8192, K=1024, N=1024, r=16, dtype="fp32", method="lora_ext[auto]")
+    verdicts = lambda rows: {g[0]: g[4] for g in goals.evaluate(rows, "cpu")}  # noqa: E731
+    text = "lora_linear fp32 M=8192 K=N=1024 r=16: fwd+bwd ÷ frozen base"
+    assert verdicts([])[text] == "not measured"
+    assert verdicts([{**row, "ratio_fwd_bwd": 1.04}])[text] == "met"
+    assert verdicts([{**row, "ratio_fwd_bwd": 1.2}])[text] == "NOT MET"
+    assert verdicts([{**row, "ratio_fwd_bwd": 1.04, "error": "x"}])[text] == "not measured"
+    assert all(g.device in ("cpu", "cuda") and g.op in ("<=", "<", ">=") for g in goals.GOALS)
+    assert {g.device for g in goals.GOALS} == {"cpu", "cuda"}
+
+
+def test_timer_inner_and_repeats():
+    from benchmarks import common
+
+    calls = []
+    s = common.Settings(warmup=1, min_runs=3, max_runs=3, budget_s=0.0)
+    t = common.time_ops({"a": lambda mark: (calls.append(1), mark("p"))}, s, inner=5, repeats=2)
+    assert len(calls) == 5 * (1 + 3 * 2) and t["a"].runs == 3 and t["a"].ms["p"] >= 0
+
+
+def test_shared_fixtures():
+    """The tests' tiny Llama and the benchmark's come from one table (benchmarks/fixtures.py)."""
+    pytest.importorskip("transformers")
+    from benchmarks import fixtures
+
+    cfg = fixtures.llama_config("bench-cpu")
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size) == (512, 1376, 4, 2048)
+    assert fixtures.llama_config("test-nf4").intermediate_size == 96
+    train, test = fixtures.sentiment_task(8, 4)
+    assert len(train) == 8 and len(test) == 4 and {y for _, y in train + test} <= {0, 1}
+    assert fixtures.sentiment_task(8, 4) == (train, test)  # seeded
 
 
 def test_outputs_without_matplotlib_or_tqdm(tmp_path):
