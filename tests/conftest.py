@@ -55,6 +55,20 @@ def make_inputs(m, k, n, r, dtype, device="cpu", bias=True, seed=0, batch=None):
     return out
 
 
+def dropout_case(m, k, n, r, dtype, p, scale):
+    """(inputs, keep-mask, fused fn) of a dropout test: the mask the public wrapper will draw for seed 123."""
+    inputs = make_inputs(m, k, n, r, dtype, batch=(2,))
+    torch.manual_seed(123)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64)  # the wrapper draws exactly this
+    keep = lora_ext.dropout_mask(seed, 2 * m, k, p)
+
+    def fused(x, w, a, b, bb):
+        torch.manual_seed(123)
+        return lora_ext.lora_linear(x, w, a, b, scale, bias=bb, dropout_p=p)
+
+    return inputs, keep, fused
+
+
 def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if out.numel() == 0:
         return 0.0

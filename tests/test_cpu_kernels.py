@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPE_IDS, DTYPES, assert_rule, make_inputs, requires_extension, torch_lora
+from conftest import DTYPE_IDS, DTYPES, assert_rule, dropout_case, make_inputs, requires_extension, torch_lora
 
 import lora_ext
 
@@ -100,17 +100,8 @@ def test_forward_and_grads(variant, dtype, shape, strategy):
 )
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_dropout(variant, dtype, shape):
-    m, k, n, r = shape
     p = 0.3
-    inputs = make_inputs(m, k, n, r, dtype, batch=(2,))
-    torch.manual_seed(123)
-    seed = torch.randint(0, 2**62, (), dtype=torch.int64)  # the wrapper draws exactly this
-    keep = lora_ext.dropout_mask(seed, 2 * m, k, p)
-
-    def fused(x, w, a, b, bb):
-        torch.manual_seed(123)
-        return lora_ext.lora_linear(x, w, a, b, SCALE, bias=bb, dropout_p=p)
-
+    inputs, keep, fused = dropout_case(*shape, dtype, p, SCALE)
     _check_all(dtype, inputs, fused, keep=keep, p=p)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPE_IDS, DTYPES, assert_rule, make_inputs, torch_lora
+from conftest import DTYPE_IDS, DTYPES, assert_rule, dropout_case, make_inputs, torch_lora
 
 import lora_ext
 
@@ -60,16 +60,7 @@ def test_forward_and_all_grads_match_float64(dtype, shape, strategy, bias):
 @pytest.mark.parametrize("p", [0.1, 0.5])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_dropout_matches_explicit_mask(dtype, p):
-    m, k, n, r = 45, 70, 33, 4
-    inputs = make_inputs(m, k, n, r, dtype, batch=(2,))
-    torch.manual_seed(123)
-    seed = torch.randint(0, 2**62, (), dtype=torch.int64)  # the wrapper draws exactly this
-    keep = lora_ext.dropout_mask(seed, 2 * m, k, p)
-
-    def fused(x, w, a, b, bb):
-        torch.manual_seed(123)
-        return lora_ext.lora_linear(x, w, a, b, SCALE, bias=bb, dropout_p=p)
-
+    inputs, keep, fused = dropout_case(45, 70, 33, 4, dtype, p, SCALE)
     _check_all(dtype, inputs, fused, keep=keep, p=p)
 
 

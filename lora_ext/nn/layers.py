@@ -56,7 +56,8 @@ def lora_linear_multi(
         weight: ``[N, K]``, or an :class:`~lora_ext.NF4Weight` (4-bit base); bias: ``[N]`` or None.
         adapters: non-empty list of ``(A [r_i, K], B [N, r_i], scale_i, dropout_p_i)``;
             pass ``dropout_p = 0`` outside training.
-        compute_dtype: the dtype outside autocast (default ``weight.dtype``; an NF4 base needs it).
+        compute_dtype: the dtype outside autocast, x is cast to it (an NF4 base needs it); by default
+            x must already have ``weight.dtype`` (a TypeError otherwise, as ``nn.Linear`` raises).
 
     Returns:
         ``[..., N]`` in the compute dtype: the autocast dtype when autocast is on
@@ -70,6 +71,12 @@ def lora_linear_multi(
     """
     amp = ops.autocast_dtype_for(x)
     dtype = amp if amp is not None else (compute_dtype or weight.dtype)
+    if amp is None and compute_dtype is None and x.dtype != dtype:
+        # nn.Linear's (and PEFT's) rule: no silent conversion of the input outside autocast.
+        raise TypeError(
+            f"lora_ext: input x has dtype {x.dtype} but the layer's weight is {dtype}; "
+            "cast the input (or the model), or run under torch.autocast"
+        )
     # The fallback kernels run plain torch ops; under autocast those would be
     # re-cast to low precision, breaking the fp32-accumulation contract.
     guard = torch.autocast(x.device.type, enabled=False) if amp is not None else contextlib.nullcontext()
@@ -109,8 +116,21 @@ class LoraLayer(nn.Module):
 
     # Names of the attributes that hold per-adapter trainable parameters (PEFT's names).
     adapter_layer_names: tuple[str, ...] = ()
+    base_type: type[nn.Module] = nn.Module  # what the subclass wraps
+    base_name = "a module"
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str | None = None,
+        r: int = 8,
+        lora_alpha: float = 8,
+        **adapter_kwargs: Any,
+    ) -> None:
+        """Wrap ``base_layer`` (frozen); with ``adapter_name``, add that adapter and activate it."""
+        if not isinstance(base_layer, self.base_type):
+            raise TypeError(f"lora_ext: {type(self).__name__} wraps {self.base_name}, got {type(base_layer).__name__}")
+        self._check_base(base_layer)
         super().__init__()
         self.base_layer = base_layer
         # LoRA trains the factors only; the wrapped layer is frozen (bias="all"/"lora_only" re-enables biases).
@@ -124,6 +144,17 @@ class LoraLayer(nn.Module):
         self._active_adapters: tuple[str, ...] = ()
         self._disable_adapters: bool = False
         self.merged_adapters: list[str] = []
+        self._init_containers(base_layer)
+        if adapter_name is not None:
+            self.add_adapter(adapter_name, r, lora_alpha, **adapter_kwargs)
+            self.set_active((adapter_name,))
+
+    def _check_base(self, base_layer: nn.Module) -> None:
+        """Refuse a base layer of the right type that still cannot take LoRA (hook)."""
+
+    def _init_containers(self, base_layer: nn.Module) -> None:
+        """Set in_features/out_features and create the (empty) per-adapter containers (hook)."""
+        raise NotImplementedError
 
     # ---- state
 
@@ -334,30 +365,14 @@ class LoraLinear(LoraLayer):
 
     adapter_layer_names = ("lora_A", "lora_B")
     factor_keys = ("lora_A.weight", "lora_B.weight")  # PEFT's state-dict suffixes of (A, B)
-    base_type: type[nn.Module] = nn.Linear  # what this class wraps
+    base_type = nn.Linear
     base_name = "an nn.Linear"
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str | None = None,
-        r: int = 8,
-        lora_alpha: float = 8,
-        **adapter_kwargs: Any,
-    ) -> None:
-        if not isinstance(base_layer, self.base_type):
-            raise TypeError(
-                f"lora_ext: {type(self).__name__} wraps {self.base_name}, got {type(base_layer).__name__}"
-            )
-        self._check_base(base_layer)
-        super().__init__(base_layer)
+    def _init_containers(self, base_layer: nn.Module) -> None:
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        if adapter_name is not None:
-            self.add_adapter(adapter_name, r, lora_alpha, **adapter_kwargs)
-            self.set_active((adapter_name,))
 
     def _check_base(self, base_layer: nn.Module) -> None:
         if not base_layer.weight.is_floating_point():
@@ -421,14 +436,7 @@ class LoraLinear(LoraLayer):
 
     def _fused_forward(self, x: Tensor, adapters: list[tuple[Tensor, Tensor, float, float]]) -> Tensor:
         """Base layer and adapters in one fused call (hook: an NF4 base dequantizes inside the op)."""
-        weight = self.base_layer.weight
-        if x.dtype != weight.dtype and ops.autocast_dtype_for(x) is None:
-            # nn.Linear's (and PEFT's) rule: no silent conversion of the input outside autocast.
-            raise TypeError(
-                f"lora_ext: input x has dtype {x.dtype} but the layer's weight is {weight.dtype}; "
-                "cast the input (or the model), or run under torch.autocast"
-            )
-        return lora_linear_multi(x, weight, self.base_layer.bias, adapters)
+        return lora_linear_multi(x, self.base_layer.weight, self.base_layer.bias, adapters)
 
 
 class LoraLinearNF4(LoraLinear):
@@ -546,25 +554,14 @@ class LoraEmbedding(LoraLayer):
 
     adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
     factor_keys = ("lora_embedding_A", "lora_embedding_B")
+    base_type = nn.Embedding
+    base_name = "an nn.Embedding"
 
-    def __init__(
-        self,
-        base_layer: nn.Embedding,
-        adapter_name: str | None = None,
-        r: int = 8,
-        lora_alpha: float = 8,
-        **adapter_kwargs: Any,
-    ) -> None:
-        if not isinstance(base_layer, nn.Embedding):
-            raise TypeError(f"lora_ext: LoraEmbedding wraps an nn.Embedding, got {type(base_layer).__name__}")
-        super().__init__(base_layer)
+    def _init_containers(self, base_layer: nn.Module) -> None:
         self.in_features = base_layer.num_embeddings
         self.out_features = base_layer.embedding_dim
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        if adapter_name is not None:
-            self.add_adapter(adapter_name, r, lora_alpha, **adapter_kwargs)
-            self.set_active((adapter_name,))
 
     def _adapter_params(self, name: str) -> Iterator[nn.Parameter]:
         yield self.lora_embedding_A[name]

@@ -9,29 +9,7 @@ the dense (``dense``) and NF4 (``nf4``) op families with the dispatcher.
 from . import dense, nf4  # noqa: F401  (register the op families)
 from ._library import fallback_dispatch_keys
 from ._loader import build_info, extension_loaded
-from .functional import (
-    STRATEGIES,
-    autocast_dtype_for,
-    dropout_mask,
-    lora_linear,
-    lora_linear_nf4,
-    merge_,
-    merged_weight,
-    strategy_plan,
-    unmerge_,
-)
+from .functional import *  # noqa: F403  (the public functions, functional.__all__)
+from .functional import __all__ as _functional_all
 
-__all__ = [
-    "STRATEGIES",
-    "autocast_dtype_for",
-    "build_info",
-    "dropout_mask",
-    "extension_loaded",
-    "fallback_dispatch_keys",
-    "lora_linear",
-    "lora_linear_nf4",
-    "merge_",
-    "merged_weight",
-    "strategy_plan",
-    "unmerge_",
-]
+__all__ = [*_functional_all, "build_info", "extension_loaded", "fallback_dispatch_keys"]

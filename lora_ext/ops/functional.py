@@ -15,6 +15,18 @@ from ..quant.nf4 import NF4Weight
 from . import _loader
 from .checks import check_adapter, check_lora_linear_args, check_scale
 
+__all__ = [
+    "STRATEGIES",
+    "autocast_dtype_for",
+    "dropout_mask",
+    "lora_linear",
+    "lora_linear_nf4",
+    "merge_",
+    "merged_weight",
+    "strategy_plan",
+    "unmerge_",
+]
+
 STRATEGIES: dict[str, int] = {"auto": 0, "shrink_expand": 1, "merge": 2}
 
 
@@ -45,13 +57,24 @@ def lora_linear(
             reproduces it) and regenerated in backward, never stored.
         strategy: ``"auto"`` (cost model, docs/design.md §2),
             ``"shrink_expand"`` or ``"merge"`` (merge the adapter into a
-            transient weight; ignored when dropout is on).
+            transient weight; refused with dropout, whose mask acts on the
+            LoRA branch only). An NF4 base takes only ``"auto"``.
 
     Returns:
         ``[..., N]`` in x's dtype. Differentiable in x, weight, bias, lora_A, lora_B.
     """
+    code = STRATEGIES.get(strategy) if isinstance(strategy, str) else None
+    if code is None:
+        raise ValueError(f"lora_ext: strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+    if isinstance(weight, NF4Weight):  # 4-bit frozen base (QLoRA): dequantization fused into the op
+        if code != STRATEGIES["auto"]:
+            raise ValueError(
+                f"lora_ext: an NF4 base has a single strategy (dequantized tile by tile); strategy must be 'auto', "
+                f"got {strategy!r}"
+            )
+        return lora_linear_nf4(x, weight, lora_A, lora_B, scale, bias=bias, dropout_p=dropout_p)
     autocast_dtype = autocast_dtype_for(x)
-    if autocast_dtype is not None and not isinstance(weight, NF4Weight):
+    if autocast_dtype is not None:
         # Like F.linear under autocast: run in the autocast dtype. Autocast is switched off
         # around the op, or the kernels' own fp32 accumulation GEMMs would be re-cast too.
         def cast(t):
@@ -61,20 +84,19 @@ def lora_linear(
             return lora_linear(
                 cast(x), cast(weight), cast(lora_A), cast(lora_B), scale, cast(bias), dropout_p, strategy=strategy
             )
-    if isinstance(weight, NF4Weight):  # 4-bit frozen base (QLoRA): dequantization fused into the op
-        if strategy not in STRATEGIES:
-            raise ValueError(f"lora_ext: strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
-        return lora_linear_nf4(x, weight, lora_A, lora_B, scale, bias=bias, dropout_p=dropout_p)
     scale, dropout_p = check_lora_linear_args(x, weight, lora_A, lora_B, scale, bias, dropout_p)
+    if code == STRATEGIES["merge"] and dropout_p > 0.0:
+        raise ValueError(
+            "lora_ext: strategy='merge' cannot apply dropout (its mask acts on x on the LoRA branch only); "
+            "use strategy='auto' or 'shrink_expand' with dropout_p > 0"
+        )
     n, k = weight.shape
-    if strategy not in STRATEGIES:
-        raise ValueError(f"lora_ext: strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
 
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
     x2 = x.reshape(-1, k)
-    y2 = torch.ops.lora_ext.lora_linear(x2, weight, bias, lora_A, lora_B, scale, dropout_p, seed, STRATEGIES[strategy])
+    y2 = torch.ops.lora_ext.lora_linear(x2, weight, bias, lora_A, lora_B, scale, dropout_p, seed, code)
     return y2.view(*x.shape[:-1], n)
 
 

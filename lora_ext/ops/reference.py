@@ -114,18 +114,7 @@ def lora_linear(
     return y.to(x.dtype)
 
 
-def lora_linear_backward(
-    grad_out: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scale: float,
-    dropout_p: float,
-    dropout_seed: Tensor | None,
-    strategy: int,
-    output_mask: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def lora_linear_backward(grad_out, x, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy, output_mask):
     """Gradients (x, weight, bias, lora_A, lora_B); unrequested ones are empty [0] tensors."""
     check_op_level(x, weight, lora_A, lora_B, scale, None, dropout_p, dropout_seed, strategy)
     check_grad_out(grad_out, x, weight)
