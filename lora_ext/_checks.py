@@ -2,7 +2,9 @@
 
 Used by the public wrappers (lora_ext/ops.py) and by the pure-PyTorch kernels
 (lora_ext/_reference.py), so a bad call gets the same clear error on every
-path; the compiled kernels run the same checks in C++ (csrc/checks.h).
+path; the compiled kernels run the same checks in C++ (csrc/host/checks.h).
+The exception classes are one contract on every path: ValueError for shapes
+and values, TypeError for dtypes and for tensors on different devices.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _check_same(ref: Tensor, ref_name: str, t: Tensor, name: str) -> None:
             f"lora_ext: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; all tensors must share one dtype"
         )
     if t.device != ref.device:
-        raise ValueError(
+        raise TypeError(
             f"lora_ext: {name} is on {t.device} but {ref_name} is on {ref.device}; all tensors must be on one device"
         )
 

@@ -31,13 +31,17 @@ _library_path: str | None = None
 _built_against: str | None = None
 
 DISABLED_BY_ENV = os.environ.get("LORA_EXT_DISABLE_EXTENSION", "").strip().lower() not in ("", "0", "false", "no")
-_MARKER = re.compile(rb"LORA_EXT_BUILT_AGAINST_TORCH=([^;\x00]{1,64});")
+_MARKER = b"LORA_EXT_BUILT_AGAINST_TORCH="
+_VERSION = re.compile(rb"([^;\x00]{1,64});")
 
 
 def built_against_torch(path: str) -> str | None:
     """The torch version the compiled library at ``path`` was built against (None if it carries no marker)."""
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        found = _MARKER.search(mm)
+        at = mm.find(_MARKER)
+        if at < 0:
+            return None
+        found = _VERSION.match(mm[at + len(_MARKER) : at + len(_MARKER) + 65])
     return found.group(1).decode("ascii", "replace") if found else None
 
 

@@ -40,7 +40,7 @@ def lora_linear(
             ``F.dropout(x, p, training=True)``; 0 disables it. The mask is
             drawn from the device's default generator (``torch.manual_seed``
             reproduces it) and regenerated in backward, never stored.
-        strategy: ``"auto"`` (cost model, see csrc/strategy.h),
+        strategy: ``"auto"`` (cost model, see csrc/host/strategy.h),
             ``"shrink_expand"`` or ``"merge"`` (merge the adapter into a
             transient weight; ignored when dropout is on).
 
@@ -124,10 +124,10 @@ def strategy_plan(
 ) -> dict:
     """Which strategy the compiled kernels of ``device`` pick for ``x [m, k]`` and ``weight [n, k]``.
 
-    Returns ``{"forward": "merge" | "shrink_expand", "backward": ...}`` from the
-    cost model in csrc/strategy.h, or ``{"forward": "reference", "backward":
-    "reference"}`` when the compiled library is not loaded (the fallback has a
-    single formula).
+    Returns ``{"forward": "merge" | "shrink_expand", "backward": ...}`` from
+    ``resolve_strategy`` in csrc/host/strategy.h (the function the kernels
+    call), or ``{"forward": "reference", "backward": "reference"}`` when the
+    compiled library is not loaded (the fallback has a single formula).
     """
     from . import _loader
 
@@ -136,5 +136,6 @@ def strategy_plan(
     if not _loader.extension_loaded():
         return {"forward": "reference", "backward": "reference"}
     elem = torch.empty((), dtype=dtype).element_size()
-    weff = elem if torch.device(device).type == "cuda" else 4  # CUDA keeps W_eff in the weight dtype
-    return dict(_loader._C.strategy_plan(m, n, k, elem, float(dropout_p), STRATEGIES[strategy], weff))
+    return dict(
+        _loader._C.strategy_plan(m, n, k, elem, float(dropout_p), STRATEGIES[strategy], torch.device(device).type)
+    )
