@@ -141,7 +141,7 @@ at::Tensor accumulation_target(const at::Tensor& out) {
 
 // Rows per chunk of the row-chunked passes. LORA_EXT_CUDA_CHUNK_ROWS (a
 // positive integer) overrides the L2-sized default: a tuning and testing knob
-// (bench_gpu.py sweeps it; tests/test_cuda.py forces many small chunks), read
+// (benchmarks/bench_gpu.py sweeps it; tests/test_cuda.py forces many small chunks), read
 // on every call so it can be changed between calls.
 int64_t chunk_rows(int64_t M, int64_t row_bytes) {
   if (const char* env = std::getenv("LORA_EXT_CUDA_CHUNK_ROWS")) {

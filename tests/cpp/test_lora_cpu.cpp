@@ -99,7 +99,8 @@ void test_errors_name_the_tensor() {
   check(msg.find("lora_B must be [N, r] = [5, 2]") != std::string::npos, "bad lora_B message: " + msg.substr(0, 200));
   msg.clear();
   try {
-    lora_ext::lora_linear_cpu(x.to(at::kDouble), W, std::nullopt, A, badB, 1.0, 0.0, std::nullopt, 0);
+    lora_ext::lora_linear_cpu(x.to(at::kDouble), W, std::nullopt, A, at::randn({5, 2}, opts), 1.0, 0.0, std::nullopt,
+                              0);
   } catch (const c10::TypeError& e) {  // dtypes: TypeError in Python
     msg = e.what();
   } catch (const c10::Error& e) {
