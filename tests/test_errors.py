@@ -119,9 +119,7 @@ def test_direct_op_calls_are_checked_too():
         torch.ops.lora_ext.lora_linear(torch.randn(2, 4, 6), w, None, a, b, 1.0, 0.0, None, 0)
     with pytest.raises(ValueError, match=r"needs a dropout_seed"):
         torch.ops.lora_ext.lora_linear(x, w, None, a, b, 1.0, 0.5, None, 0)
-    with pytest.raises(
-        ValueError, match=r"grad_out must be \[M, N\] = \[4, 5\]"
-    ):
+    with pytest.raises(ValueError, match=r"grad_out must be \[M, N\] = \[4, 5\]"):
         torch.ops.lora_ext.lora_linear_backward(torch.randn(4, 4), x, w, a, b, 1.0, 0.0, None, 0, [True] * 5)
     with pytest.raises(ValueError, match=r"strategy must be 0"):
         torch.ops.lora_ext.lora_linear(x, w, None, a, b, 1.0, 0.0, None, 7)
