@@ -1,12 +1,14 @@
 // The pybind11 module: introspection helpers only. Importing it loads this
 // shared library, whose static initialisers register the op schemas
 // (registration.cpp) and the CPU/CUDA kernels with the dispatcher.
+#include <c10/core/Device.h>
 #include <torch/extension.h>
 
 #include <string>
 
 #include "cpu/kernels/lowrank.h"
-#include "strategy.h"
+#include "host/checks.h"
+#include "host/strategy.h"
 
 #ifndef LORA_EXT_TORCH_VERSION
 #define LORA_EXT_TORCH_VERSION "unknown"
@@ -52,17 +54,17 @@ pybind11::dict build_info() {
   return info;
 }
 
-// Which strategy the kernels take for a shape (forward, backward); for benchmarks and tests.
-// weff_size: bytes per element of the transient merged weight (4 on CPU, the weight's on CUDA).
-pybind11::dict strategy_plan(int64_t M, int64_t N, int64_t K, int64_t element_size, double dropout_p,
-                             int64_t strategy, int64_t weff_size) {
-  TORCH_CHECK(strategy >= 0 && strategy <= 2, "lora_ext: strategy must be 0, 1 or 2, got ", strategy);
-  pybind11::dict plan;
-  plan["forward"] =
-      lora_ext::use_merge_forward(strategy, M, N, K, element_size, dropout_p, weff_size) ? "merge" : "shrink_expand";
-  plan["backward"] =
-      lora_ext::use_merge_backward(strategy, M, N, K, element_size, dropout_p, weff_size) ? "merge" : "shrink_expand";
-  return plan;
+// Which strategy the kernels of `device` ("cpu", "cuda", ...) take for a shape (forward,
+// backward): host/strategy.h resolve_strategy, the very function the kernels call.
+pybind11::dict strategy_plan(int64_t M, int64_t N, int64_t K, int64_t element_size, double dropout_p, int64_t strategy,
+                             const std::string& device) {
+  lora_ext::check_strategy(strategy);
+  const lora_ext::StrategyPlan plan =
+      lora_ext::resolve_strategy(c10::Device(device).type(), M, N, K, element_size, dropout_p, strategy);
+  pybind11::dict out;
+  out["forward"] = plan.merge_forward ? "merge" : "shrink_expand";
+  out["backward"] = plan.merge_backward ? "merge" : "shrink_expand";
+  return out;
 }
 
 std::string set_cpu_kernel(const std::string& name) {
@@ -83,11 +85,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "How this library was built: CUDA kernels, archs, torch and CUDA versions.");
   m.def("strategy_plan", &strategy_plan, "Strategy (merge or shrink_expand) the kernels pick for forward and backward.",
         pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("element_size"),
-        pybind11::arg("dropout_p"), pybind11::arg("strategy"), pybind11::arg("weff_size") = 4);
+        pybind11::arg("dropout_p"), pybind11::arg("strategy"), pybind11::arg("device") = "cpu");
   m.def("cpu_kernel", &lora_ext::cpu::active_kernel_name,
         "Active CPU kernel variant for the rank-r products and merge: default, avx2, avx512 or aten (fused off).");
   m.def("set_cpu_kernel", &set_cpu_kernel,
-        "Force the CPU kernel variant (auto, default, avx2, avx512 or aten); raises RuntimeError for an unknown "
+        "Force the CPU kernel variant (auto, default, avx2, avx512 or aten); raises ValueError for an unknown "
         "name or one this CPU cannot run. Returns the variant now active.",
         pybind11::arg("name"));
   m.def("cpu_kernel_variants", &cpu_kernel_variants, "Which CPU kernel variants this CPU can run.");

@@ -74,11 +74,11 @@ def test_variant_switch_reports_and_refuses():
         cap = torch.backends.cpu.get_cpu_capability()
         if cap == "AVX2" and variants["avx2"]:
             assert auto == "avx2"
-        with pytest.raises(RuntimeError, match="unknown CPU kernel variant"):
+        with pytest.raises(ValueError, match="unknown CPU kernel variant"):
             C.set_cpu_kernel("sse9")
         for name in ("avx2", "avx512"):
             if not variants[name]:
-                with pytest.raises(RuntimeError, match="needs instructions this CPU lacks"):
+                with pytest.raises(ValueError, match="needs instructions this CPU lacks"):
                     C.set_cpu_kernel(name)
     finally:
         C.set_cpu_kernel(before)

@@ -23,7 +23,7 @@
 #include <vector>
 
 #include "../dropout_hash.h"
-#include "../strategy.h"
+#include "../host/strategy.h"
 #include "kernels/lowrank.h"
 
 namespace lora_ext {
@@ -252,7 +252,8 @@ Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::o
   if (M == 0) return y;
   const bool lowp = x.scalar_type() != at::kFloat;
   const bool has_bias = bias.has_value() && bias->defined();
-  const bool merge = use_merge_forward(strategy, M, N, K, x.element_size(), dropout_p);
+  const bool merge =
+      resolve_strategy(c10::DeviceType::CPU, M, N, K, x.element_size(), dropout_p, strategy).merge_forward;
   const DropoutArgs drop = make_dropout(dropout_p, dropout_seed);
   const float branch_scale = static_cast<float>(scale * drop.factor);
   const Tensor A32 = lora_A.to(at::kFloat).contiguous(), B32 = lora_B.to(at::kFloat).contiguous();
@@ -306,7 +307,9 @@ GradTuple lora_linear_backward_cpu_fused(const Tensor& grad_out, const Tensor& x
   const DropoutArgs drop = make_dropout(dropout_p, dropout_seed);
   const bool branch = !drop.branch_zero;
   const float branch_scale = static_cast<float>(scale * drop.factor);
-  const bool merge_dx = need_x && branch && use_merge_backward(strategy, M, N, K, x.element_size(), dropout_p);
+  const bool merge_dx =
+      need_x && branch &&
+      resolve_strategy(c10::DeviceType::CPU, M, N, K, x.element_size(), dropout_p, strategy).merge_backward;
   const bool lora_x_term = need_x && branch && !merge_dx;
   const Tensor A32 = lora_A.to(at::kFloat).contiguous(), B32 = lora_B.to(at::kFloat).contiguous();
   const Tensor BT32 = B32.t().contiguous();

@@ -10,6 +10,9 @@
 //   backward: grad_x[m-chunk] = Σ_tiles g[:, tile] · W_tile + s·mask ⊙ (g B) A
 //             grad_A, grad_B, grad_bias from one pass over g and x per chunk
 //
+// Only the base term (the tile loops) is NF4-specific: the low-rank branch,
+// dropout included, is the dense CPU op's code (lowrank_aten.h).
+//
 // fp32/fp64 inputs are one chunk (no copy of x or g); bf16/fp16 are widened
 // to fp32 a row chunk at a time, accumulated in fp32 and rounded once, and the
 // dequantized tile is rounded to x's dtype first (W is dequantize_nf4(·, x.dtype)).
@@ -26,8 +29,11 @@
 #include <limits>
 #include <vector>
 
-#include "../dropout_hash.h"
-#include "../nf4_ops.h"
+#include "../host/checks.h"
+#include "../host/common.h"
+#include "../host/dropout.h"
+#include "../host/nf4_params.h"
+#include "lowrank_aten.h"
 
 // The bit-exact paths must round every product and sum separately, as
 // bitsandbytes and the pure-PyTorch reference do: no fused multiply-add.
@@ -41,16 +47,6 @@ namespace lora_ext {
 namespace {
 
 using at::Tensor;
-
-void check_cpu(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "lora_ext: ", name, " must be a CPU tensor for the CPU kernel, got ", t.device());
-}
-
-int log2_exact(int64_t v) {
-  int s = 0;
-  while ((int64_t(1) << s) < v) ++s;
-  return s;
-}
 
 // ------------------------------------------------------------------ quantization
 
@@ -113,8 +109,7 @@ void nf4_quantize_kernel(const scalar_t* w, int64_t n, int64_t bs, uint8_t* pack
 
 std::tuple<Tensor, Tensor> nf4_quantize_cpu(const Tensor& weight, int64_t blocksize) {
   check_cpu(weight, "weight");
-  TORCH_CHECK_VALUE(nf4::is_supported_blocksize(blocksize),
-              "lora_ext: NF4 blocksize must be one of (32, 64, 128, 256, 512, 1024, 2048, 4096), got ", blocksize);
+  check_nf4_blocksize(blocksize);
   check_float_dtype(weight, "weight");
   const int64_t n = weight.numel();
   TORCH_CHECK_VALUE(n > 0, "lora_ext: cannot quantize an empty weight of shape ", weight.sizes());
@@ -147,10 +142,11 @@ std::tuple<Tensor, Tensor> blockwise_quantize_8bit_cpu(const Tensor& x, const Te
   check_cpu(x, "x");
   check_cpu(code, "code");
   check_float_dtype(x, "x");
-  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 256,
-              "lora_ext: code must be a float32 tensor of 256 values, got ", code.scalar_type(), " with ",
-              code.numel());
-  TORCH_CHECK(blocksize > 0, "lora_ext: blocksize must be positive, got ", blocksize);
+  TORCH_CHECK_TYPE(code.scalar_type() == at::kFloat, "lora_ext: code must be a float32 tensor of 256 values, got ",
+                   code.scalar_type());
+  TORCH_CHECK_VALUE(code.numel() == 256, "lora_ext: code must be a float32 tensor of 256 values, got ", code.numel(),
+                    " values");
+  TORCH_CHECK_VALUE(blocksize > 0, "lora_ext: blocksize must be positive, got ", blocksize);
   const Tensor xf = x.contiguous().to(at::kFloat).reshape({-1});
   const Tensor codef = code.contiguous().reshape({-1});
   const int64_t n = xf.numel();
@@ -206,8 +202,7 @@ inline void block_table(float scale, out_t* tab) {
 
 // out[e - e_begin] = value of flat element e for e in [e_begin, e_end).
 template <typename scalar_t, typename out_t>
-void dequant_range(const uint8_t* packed, const float* scales, int shift, int64_t e_begin, int64_t e_end,
-                   out_t* out) {
+void dequant_range(const uint8_t* packed, const float* scales, int shift, int64_t e_begin, int64_t e_end, out_t* out) {
   out_t tab[16];
   int64_t e = e_begin;
   while (e < e_end) {
@@ -249,35 +244,46 @@ void dequant_flat(const uint8_t* packed, const float* scales, int shift, int64_t
   });
 }
 
+// W (or rows [row0, row0 + rows) of it) as `dtype`, rounded once from fp32 (bitsandbytes' dequantization).
 Tensor nf4_dequantize_cpu(const Tensor& packed, const Tensor& absmax, const std::optional<Tensor>& nested_absmax,
                           const std::optional<Tensor>& nested_code, double offset, int64_t blocksize,
                           int64_t nested_blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
   check_cpu(packed, "packed");
-  TORCH_CHECK_VALUE(shape.size() == 2, "lora_ext: NF4 weight shape must be 2-D [N, K] with N, K > 0, got ", shape);
-  check_nf4_storage(packed, absmax, nested_absmax, nested_code, blocksize, nested_blocksize, shape[0], shape[1]);
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
-              "lora_ext: dequantize_nf4 dtype must be a floating dtype, got ", dtype);
-  const Tensor scales = resolve_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize);
+  check_nf4_shape(shape);
+  const NF4Params w =
+      nf4_params(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape[0], shape[1]);
+  check_nf4_storage(w);
+  check_nf4_out_dtype(dtype);
+  const Tensor scales = resolve_absmax(w);
   const Tensor p = packed.contiguous();
   Tensor out = at::empty(shape, packed.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nf4_dequantize", [&] {
-    dequant_flat<scalar_t>(p.data_ptr<uint8_t>(), scales.data_ptr<float>(), log2_exact(blocksize), out.numel(),
+    dequant_flat<scalar_t>(p.data_ptr<uint8_t>(), scales.data_ptr<float>(), w.log2_blocksize(), out.numel(),
                            out.data_ptr<scalar_t>());
   });
   return out;
 }
 
 // ------------------------------------------------------------------ fused LoRA
+//
+// The base term x W^T is computed tile by tile from the NF4 storage; everything
+// else (bias, dropout, the low-rank branch and its gradients) is the dense CPU
+// op's code (lowrank_aten.h), so the two ops share their numerics.
 
-struct NF4Weight {
+// The weight as the tile loops read it: contiguous codes and resolved fp32 scales.
+struct DequantSource {
   Tensor packed;  // contiguous uint8
   Tensor scales;  // fp32 [nblocks]
-  int shift;
-  int64_t N, K;
+  int shift;      // log2(blocksize)
+  int64_t K;
 };
 
+DequantSource dequant_source(const NF4Params& w) {
+  return {w.packed.contiguous(), resolve_absmax(w), w.log2_blocksize(), w.K};
+}
+
 // Fills tile[0:rows] with W[row0:row0+rows] (rounded to x's dtype, widened to acc).
-void dequant_tile(const NF4Weight& w, at::ScalarType x_dtype, int64_t row0, int64_t rows, Tensor& tile) {
+void dequant_tile(const DequantSource& w, at::ScalarType x_dtype, int64_t row0, int64_t rows, Tensor& tile) {
   const uint8_t* p = w.packed.data_ptr<uint8_t>();
   const float* s = w.scales.data_ptr<float>();
   switch (x_dtype) {
@@ -296,85 +302,31 @@ void dequant_tile(const NF4Weight& w, at::ScalarType x_dtype, int64_t row0, int6
 }
 
 // Rows of W per tile: about 1M elements (4 MiB of fp32), at least 16.
-int64_t tile_rows(int64_t N, int64_t K) {
-  return std::max<int64_t>(1, std::min<int64_t>(N, std::max<int64_t>(16, (int64_t(1) << 20) / std::max<int64_t>(K, 1))));
-}
+int64_t tile_rows(int64_t N, int64_t K) { return chunk_rows(N, K, int64_t(1) << 20, 16); }
 
-// Rows of x per chunk for bf16/fp16 (fp32 copies of about 16 MiB); fp32/fp64 use one chunk.
-int64_t chunk_rows(int64_t M, int64_t width, bool lowp) {
+// Rows of x per chunk: fp32/fp64 use one chunk (no copy of x or g, each tile is
+// dequantized once per call); bf16/fp16 widen chunks of about 16 MiB of fp32.
+int64_t nf4_chunk_rows(int64_t M, int64_t width, bool lowp) {
   if (!lowp) return std::max<int64_t>(M, 1);
-  return std::max<int64_t>(1, std::min<int64_t>(M, std::max<int64_t>(64, (int64_t(1) << 22) / std::max<int64_t>(width, 1))));
+  return chunk_rows(M, width, int64_t(1) << 22, 64);
 }
 
-struct Drop {
-  double p = 0.0, factor = 1.0;
-  uint64_t seed = 0, threshold = 0;
-  bool on() const { return p > 0.0; }
-  bool branch_zero() const { return p >= 1.0; }
-  // Zero the dropped elements of a contiguous acc chunk whose first row is logical row row0.
-  void zero_(Tensor& t, int64_t row0) const {
-    const int64_t rows = t.size(0), K = t.size(1);
-    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "nf4_dropout", [&] {
-      scalar_t* d = t.data_ptr<scalar_t>();
-      at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t i = r0; i < r1; ++i) {
-          const uint64_t base = static_cast<uint64_t>(row0 + i) * static_cast<uint64_t>(K);
-          for (int64_t k = 0; k < K; ++k)
-            if (!dropout_keep(seed, base + static_cast<uint64_t>(k), threshold)) d[i * K + k] = scalar_t(0);
-        }
-      });
-    });
-  }
-  Tensor apply(const Tensor& x_acc, int64_t row0) const {
-    if (!on()) return x_acc;
-    Tensor out = x_acc.clone(at::MemoryFormat::Contiguous);
-    zero_(out, row0);
-    return out;
-  }
-};
-
-Drop make_drop(double p, const std::optional<Tensor>& seed) {
-  Drop d;
-  d.p = p;
-  if (p > 0.0) {
-    d.seed = static_cast<uint64_t>(seed->reshape({}).item<int64_t>());
-    d.threshold = dropout_threshold(p);
-    d.factor = p >= 1.0 ? 0.0 : 1.0 / (1.0 - p);
-  }
-  return d;
-}
-
-NF4Weight make_weight(const Tensor& packed, const Tensor& absmax, const std::optional<Tensor>& nested_absmax,
-                      const std::optional<Tensor>& nested_code, double offset, int64_t blocksize,
-                      int64_t nested_blocksize, int64_t N, int64_t K) {
-  check_nf4_storage(packed, absmax, nested_absmax, nested_code, blocksize, nested_blocksize, N, K);
-  return {packed.contiguous(), resolve_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize),
-          log2_exact(blocksize), N, K};
-}
-
-bool is_low_precision(const Tensor& t) {
-  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-}
-
-Tensor lora_linear_nf4_cpu(const Tensor& x, const Tensor& packed, const Tensor& absmax,
-                           const std::optional<Tensor>& nested_absmax, const std::optional<Tensor>& nested_code,
-                           double offset, int64_t blocksize, int64_t nested_blocksize, int64_t out_features,
-                           const std::optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B,
-                           double scale, double dropout_p, const std::optional<Tensor>& dropout_seed) {
-  check_cpu(x, "x");
-  check_nf4_lora(x, packed, out_features, bias, lora_A, lora_B, scale, dropout_p, dropout_seed);
-  const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  const NF4Weight w = make_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, N, K);
+// Inputs checked by the op entry (check_nf4_lora).
+Tensor lora_linear_nf4_forward(const Tensor& x, const NF4Params& nf4, const std::optional<Tensor>& bias,
+                               const Tensor& lora_A, const Tensor& lora_B, double scale, double dropout_p,
+                               const std::optional<Tensor>& dropout_seed) {
+  const int64_t M = x.size(0), K = x.size(1), N = nf4.N;
   Tensor y = at::empty({M, N}, x.options());
   if (M == 0) return y;
 
-  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const DequantSource w = dequant_source(nf4);
+  const at::ScalarType acc = acc_dtype(x);
   const bool lowp = is_low_precision(x);
-  const Drop drop = make_drop(dropout_p, dropout_seed);
+  const DropoutParams drop = make_dropout(dropout_p, dropout_seed);
   const Tensor A = lora_A.to(acc), B = lora_B.to(acc);
-  const bool has_bias = bias.has_value() && bias->defined();
+  const bool has_bias = has_tensor(bias);
   const Tensor bias_acc = has_bias ? bias->to(acc) : Tensor();
-  const int64_t tn = tile_rows(N, K), mc = chunk_rows(M, std::max(K, N), lowp);
+  const int64_t tn = tile_rows(N, K), mc = nf4_chunk_rows(M, std::max(K, N), lowp);
   Tensor tile = at::empty({tn, K}, x.options().dtype(acc));
 
   for (int64_t m0 = 0; m0 < M; m0 += mc) {
@@ -389,32 +341,20 @@ Tensor lora_linear_nf4_cpu(const Tensor& x, const Tensor& packed, const Tensor& 
       at::mm_out(out, xc, wt.t());
     }
     if (has_bias) yc.add_(bias_acc);
-    if (!drop.branch_zero()) {
-      const Tensor xa = at::mm(drop.apply(xc, m0), A.t());  // [rows, r]
-      yc.addmm_(xa, B.t(), 1.0, scale * drop.factor);
-    }
+    cpu::add_lowrank_forward(yc, xc, A, B, scale, drop, m0);
     if (lowp) y.narrow(0, m0, rows).copy_(yc);
   }
   return y;
 }
 
-NF4GradTuple lora_linear_nf4_backward_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& packed,
-                                          const Tensor& absmax, const std::optional<Tensor>& nested_absmax,
-                                          const std::optional<Tensor>& nested_code, double offset, int64_t blocksize,
-                                          int64_t nested_blocksize, int64_t out_features, const Tensor& lora_A,
-                                          const Tensor& lora_B, double scale, double dropout_p,
-                                          const std::optional<Tensor>& dropout_seed, std::array<bool, 4> mask) {
-  check_cpu(x, "x");
-  check_nf4_lora(x, packed, out_features, std::nullopt, lora_A, lora_B, scale, dropout_p, dropout_seed);
-  const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == M && grad_out.size(1) == N,
-              "lora_ext: grad_out must be [M, N] = [", M, ", ", N, "], got shape ", grad_out.sizes());
-  check_same_dtype_device(x, "x", grad_out, "grad_out");
-  const NF4Weight w = make_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, N, K);
-
-  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+// Inputs checked by the op entry (check_nf4_lora, check_grad_out).
+NF4GradTuple lora_linear_nf4_backward_impl(const Tensor& grad_out, const Tensor& x, const NF4Params& nf4,
+                                           const Tensor& lora_A, const Tensor& lora_B, double scale, double dropout_p,
+                                           const std::optional<Tensor>& dropout_seed, std::array<bool, 4> mask) {
+  const int64_t M = x.size(0), K = x.size(1), N = nf4.N;
+  const at::ScalarType acc = acc_dtype(x);
   const bool lowp = is_low_precision(x);
-  const Drop drop = make_drop(dropout_p, dropout_seed);
+  const DropoutParams drop = make_dropout(dropout_p, dropout_seed);
   const Tensor A = lora_A.to(acc), B = lora_B.to(acc);
   const auto acc_opts = x.options().dtype(acc);
   const double branch_scale = scale * drop.factor;
@@ -423,15 +363,16 @@ NF4GradTuple lora_linear_nf4_backward_cpu(const Tensor& grad_out, const Tensor& 
   Tensor gbias = mask[1] ? at::zeros({N}, acc_opts) : Tensor();
   Tensor gA = mask[2] ? at::zeros({A.size(0), K}, acc_opts) : Tensor();
   Tensor gB = mask[3] ? at::zeros({N, A.size(0)}, acc_opts) : Tensor();
-  const int64_t tn = tile_rows(N, K), mc = chunk_rows(M, std::max(K, N), lowp);
+  const int64_t tn = tile_rows(N, K), mc = nf4_chunk_rows(M, std::max(K, N), lowp);
+  const DequantSource w = mask[0] && M > 0 ? dequant_source(nf4) : DequantSource{};
   Tensor tile = mask[0] ? at::empty({tn, K}, acc_opts) : Tensor();
 
   for (int64_t m0 = 0; m0 < M; m0 += mc) {
     const int64_t rows = std::min(mc, M - m0);
     const Tensor gc = grad_out.narrow(0, m0, rows).to(acc);
-    const Tensor gb = at::mm(gc, B);  // [rows, r]
+    Tensor gxc;  // grad_x of the chunk: g W from the tiles, then the low-rank term
     if (mask[0]) {
-      Tensor gxc = lowp ? at::empty({rows, K}, acc_opts) : grad_x.narrow(0, m0, rows);
+      gxc = lowp ? at::empty({rows, K}, acc_opts) : grad_x.narrow(0, m0, rows);
       for (int64_t n0 = 0; n0 < N; n0 += tn) {
         const int64_t nt = std::min(tn, N - n0);
         Tensor wt = tile.narrow(0, 0, nt);
@@ -442,24 +383,42 @@ NF4GradTuple lora_linear_nf4_backward_cpu(const Tensor& grad_out, const Tensor& 
           gxc.addmm_(gc.narrow(1, n0, nt), wt);
         }
       }
-      if (!drop.branch_zero()) {
-        Tensor lora_part = at::mm(gb, A);  // [rows, K]
-        if (drop.on()) drop.zero_(lora_part, m0);
-        gxc.add_(lora_part, branch_scale);
-      }
-      if (lowp) grad_x.narrow(0, m0, rows).copy_(gxc);
     }
-    if (mask[2] || mask[3]) {
-      const Tensor xd = drop.apply(x.narrow(0, m0, rows).to(acc), m0);
-      if (mask[2]) gA.addmm_(gb.t(), xd);
-      if (mask[3]) gB.addmm_(gc.t(), at::mm(xd, A.t()));
-    }
+    const Tensor xc = (mask[2] || mask[3]) ? x.narrow(0, m0, rows).to(acc) : Tensor();
+    cpu::add_lowrank_backward(gc, xc, A, B, scale, drop, m0, gA, gB, mask[0] ? &gxc : nullptr);
+    if (mask[0] && lowp) grad_x.narrow(0, m0, rows).copy_(gxc);
     if (mask[1]) gbias.add_(gc.sum(0));
   }
-  if (M == 0 && mask[0]) grad_x = at::empty({0, K}, x.options());
   return {grad_x, mask[1] ? gbias.to(x.scalar_type()) : x.new_empty({0}),
           mask[2] ? gA.mul_(branch_scale).to(lora_A.scalar_type()) : x.new_empty({0}),
           mask[3] ? gB.mul_(branch_scale).to(lora_B.scalar_type()) : x.new_empty({0})};
+}
+
+// Op entries: gather the NF4 storage once, validate once.
+Tensor lora_linear_nf4_cpu(const Tensor& x, const Tensor& packed, const Tensor& absmax,
+                           const std::optional<Tensor>& nested_absmax, const std::optional<Tensor>& nested_code,
+                           double offset, int64_t blocksize, int64_t nested_blocksize, int64_t out_features,
+                           const std::optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B, double scale,
+                           double dropout_p, const std::optional<Tensor>& dropout_seed) {
+  check_cpu(x, "x");
+  const NF4Params w = nf4_params(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                                 out_features, x.dim() == 2 ? x.size(1) : 0);
+  check_nf4_lora(x, w, bias, lora_A, lora_B, scale, dropout_p, dropout_seed);
+  return lora_linear_nf4_forward(x, w, bias, lora_A, lora_B, scale, dropout_p, dropout_seed);
+}
+
+NF4GradTuple lora_linear_nf4_backward_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& packed,
+                                          const Tensor& absmax, const std::optional<Tensor>& nested_absmax,
+                                          const std::optional<Tensor>& nested_code, double offset, int64_t blocksize,
+                                          int64_t nested_blocksize, int64_t out_features, const Tensor& lora_A,
+                                          const Tensor& lora_B, double scale, double dropout_p,
+                                          const std::optional<Tensor>& dropout_seed, std::array<bool, 4> mask) {
+  check_cpu(x, "x");
+  const NF4Params w = nf4_params(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                                 out_features, x.dim() == 2 ? x.size(1) : 0);
+  check_nf4_lora(x, w, std::nullopt, lora_A, lora_B, scale, dropout_p, dropout_seed);
+  check_grad_out(grad_out, x, out_features);
+  return lora_linear_nf4_backward_impl(grad_out, x, w, lora_A, lora_B, scale, dropout_p, dropout_seed, mask);
 }
 
 }  // namespace

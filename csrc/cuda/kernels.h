@@ -15,10 +15,10 @@
 
 #include <cstdint>
 
+#include "../host/dtype.h"
+
 namespace lora_ext {
 namespace cuda {
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 // A read-only 2-D view: element (i, j) lives at data[i * s0 + j * s1].
 struct ConstMatrix {
@@ -43,8 +43,7 @@ cudaError_t launch_merge_lowrank(DType dtype, ConstMatrix in, Matrix out, ConstM
                                  int64_t K, int64_t r, double scale, cudaStream_t stream);
 
 // out[i] = dropout_keep(*seed, i, threshold) for i < numel (bool, row-major).
-cudaError_t launch_dropout_mask(const int64_t* seed, bool* out, int64_t numel, uint64_t threshold,
-                                cudaStream_t stream);
+cudaError_t launch_dropout_mask(const int64_t* seed, bool* out, int64_t numel, uint64_t threshold, cudaStream_t stream);
 
 // out[i, k] = in[i, k] * keep(*seed, (row_offset + i) * index_cols + k) for an
 // [rows, cols] block (a row chunk of a logical [M, index_cols] tensor). The
@@ -73,9 +72,8 @@ cudaError_t launch_split_pack(DType dtype, const void* v, int64_t ld_v, int64_t 
 // for an acc-typed partial-product buffer p; out is contiguous [rows, cols].
 // Recombines the hi/lo halves produced through launch_split_pack, rounding
 // once to `dtype`.
-cudaError_t launch_combine_splits(DType dtype, const void* p, int64_t s0, int64_t s1, int64_t split_stride,
-                                  int nsplit, int64_t rows, int64_t cols, double scale, void* out,
-                                  cudaStream_t stream);
+cudaError_t launch_combine_splits(DType dtype, const void* p, int64_t s0, int64_t s1, int64_t split_stride, int nsplit,
+                                  int64_t rows, int64_t cols, double scale, void* out, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lora_ext

@@ -1,8 +1,9 @@
-// CUDA launchers of the lora_ext ops: validate (../checks.h), guard the
-// device, pick the strategy (../strategy.h, the same cost model as the CPU
-// path), then run cuBLAS GEMMs plus the small kernels of this folder, all on
-// PyTorch's current stream and cuBLAS handle (so CUDA graphs and
-// torch.compile(mode="reduce-overhead") capture them).
+// CUDA launchers of the lora_ext ops: validate (../host/checks.h), guard the
+// device, pick the strategy (../host/strategy.h, the same cost model as the CPU
+// path), then run cuBLAS GEMMs (blas.h) plus the small kernels of this folder,
+// all on PyTorch's current stream and cuBLAS handle (so CUDA graphs and
+// torch.compile(mode="reduce-overhead") capture them). The *_impl functions
+// are the ops without their checks (declared in ../ops.h).
 //
 // Shapes (op level): x [M, K], weight [N, K], lora_A [r, K], lora_B [N, r],
 // bias [N], grad_out [M, N]; s = scale, q = 1/(1-p) (0 when p == 1).
@@ -40,29 +41,32 @@
 // Dropout: drop01(x) = x * keep (exact multiply by 0/1) with keep from the
 // counter-based hash of ../dropout_hash.h, regenerated from the device-side
 // seed in every pass; the 1/(1-p) factor is folded into the fp32 scalar s q.
-#include "lora_cuda.h"
-
 #include <ATen/MemoryOverlap.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cublas_v2.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <climits>
 #include <cstdlib>
 
-#include "../checks.h"
-#include "../dropout_hash.h"
-#include "../strategy.h"
+#include "../host/checks.h"
+#include "../host/common.h"
+#include "../host/dropout.h"
+#include "../host/strategy.h"
+#include "../ops.h"
+#include "blas.h"
 #include "cuda_check.h"
 #include "kernels.h"
 
 namespace lora_ext {
 namespace {
 
+using cuda::blas_friendly;
 using cuda::ConstMatrix;
+using cuda::gemm_into;
 using cuda::Matrix;
+using cuda::Operand;
+using cuda::operand;
 
 // Rows of x and g processed together in the backward: both chunks (x_c, g_c)
 // fit in ~16 MiB, well inside the L2 of an A100 (40 MB) or H100/H200 (50 MB),
@@ -70,164 +74,33 @@ using cuda::Matrix;
 constexpr int64_t kChunkBytes = int64_t(16) << 20;
 constexpr int64_t kMinChunkRows = 256;
 
-cuda::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::DType::kFloat32;
-    case at::kHalf:
-      return cuda::DType::kFloat16;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    case at::kDouble:
-      return cuda::DType::kFloat64;
-    default:
-      TORCH_CHECK(false, "lora_ext: CUDA kernels support float32, float16, bfloat16 and float64, got ", t);
-  }
-}
-
-cudaDataType_t blas_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return CUDA_R_32F;
-    case at::kHalf:
-      return CUDA_R_16F;
-    case at::kBFloat16:
-      return CUDA_R_16BF;
-    case at::kDouble:
-      return CUDA_R_64F;
-    default:
-      TORCH_CHECK(false, "lora_ext: no cuBLAS type for ", t);
-  }
-}
-
-// fp64 inputs accumulate in fp64, everything else in fp32.
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // Number of hi/lo parts an fp32 intermediate is split into to enter a GEMM in
 // dtype t without losing precision (see lowrank.cu).
 int num_splits(at::ScalarType t) { return (t == at::kHalf || t == at::kBFloat16) ? 2 : 1; }
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-double dropout_factor(double p) { return p >= 1.0 ? 0.0 : 1.0 / (1.0 - p); }
-
 ConstMatrix cmat(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
 Matrix mmat(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
-
-int blas_int(int64_t v, const char* what) {
-  TORCH_CHECK(v >= 0 && v <= INT_MAX, "lora_ext: ", what, " = ", v,
-              " exceeds the 32-bit range of the cuBLAS API used by the CUDA kernels");
-  return static_cast<int>(v);
-}
-
-// A logical [rows, cols] matrix as cuBLAS sees it: element (i, j) at
-// ptr[i*ld + j] (row-major) or ptr[j*ld + i] (trans, i.e. column-major).
-// Any view with one unit stride (offset views, row slices, transposes) is used
-// in place; anything else is copied once (`hold` keeps the copy alive).
-struct Operand {
-  const void* ptr;
-  int64_t ld;
-  bool trans;
-  at::ScalarType dtype;
-  at::Tensor hold;
-
-  Operand t() const { return {ptr, ld, !trans, dtype, hold}; }
-};
-
-bool row_major_ok(const at::Tensor& t) {
-  const int64_t R = t.size(0), C = t.size(1);
-  return (t.stride(1) == 1 || C <= 1) && (R <= 1 || t.stride(0) >= std::max<int64_t>(C, 1));
-}
-
-bool col_major_ok(const at::Tensor& t) {
-  const int64_t R = t.size(0), C = t.size(1);
-  return (t.stride(0) == 1 || R <= 1) && (C <= 1 || t.stride(1) >= std::max<int64_t>(R, 1));
-}
-
-// t itself when cuBLAS can read it in place, else a contiguous copy (for
-// example an expanded, stride-0 grad_out). Done once per op, before chunking.
-at::Tensor blas_friendly(const at::Tensor& t) {
-  return (row_major_ok(t) || col_major_ok(t)) ? t : t.contiguous();
-}
-
-Operand operand(const at::Tensor& t_in) {
-  TORCH_INTERNAL_ASSERT(t_in.dim() == 2);
-  const at::Tensor t = blas_friendly(t_in);
-  const int64_t R = t.size(0), C = t.size(1);
-  if (row_major_ok(t)) {
-    return {t.data_ptr(), R <= 1 ? std::max<int64_t>(C, 1) : t.stride(0), false, t.scalar_type(), t};
-  }
-  return {t.data_ptr(), C <= 1 ? std::max<int64_t>(R, 1) : t.stride(1), true, t.scalar_type(), t};
-}
-
-// C[m, n] (row-major, leading dimension ldc, type c_type) = alpha * A[m, k] B[k, n] + beta * C,
-// accumulated in fp32 (fp64 for double inputs) on the current stream.
-// cuBLAS is column-major, so this computes C^T = B^T A^T.
-void gemm(int64_t m, int64_t n, int64_t k, double alpha, const Operand& a, const Operand& b, double beta, void* c,
-          at::ScalarType c_type, int64_t ldc, cudaStream_t stream) {
-  TORCH_INTERNAL_ASSERT(a.dtype == b.dtype, "lora_ext: gemm operands of different dtypes");
-  if (m == 0 || n == 0) return;
-  if (k == 0) {  // empty inner dimension: C = beta * C
-    TORCH_INTERNAL_ASSERT(beta == 0.0 || beta == 1.0);
-    if (beta == 0.0) {
-      const size_t elem = c10::elementSize(c_type);
-      LORA_CUDA_CHECK(cudaMemset2DAsync(c, static_cast<size_t>(ldc) * elem, 0, static_cast<size_t>(n) * elem,
-                                        static_cast<size_t>(m), stream));
-    }
-    return;
-  }
-  // PyTorch's handle comes bound to the current stream (the `stream` passed here)
-  // and to PyTorch's own cuBLAS workspace. Do not call cublasSetStream again: it
-  // resets the workspace to cuBLAS's default pool (cuBLAS docs), which breaks
-  // CUDA-graph capture and PyTorch's workspace accounting.
-  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
-  TORCH_INTERNAL_ASSERT(stream == at::cuda::getCurrentCUDAStream().stream(),
-                        "lora_ext: cuBLAS calls must run on the current stream");
-  const cublasOperation_t op_b = b.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const cublasOperation_t op_a = a.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const int im = blas_int(m, "rows"), in = blas_int(n, "columns"), ik = blas_int(k, "inner dimension");
-  const int lda = blas_int(a.ld, "leading dimension"), ldb = blas_int(b.ld, "leading dimension");
-  const int ldc_i = blas_int(ldc, "leading dimension");
-  if (a.dtype == at::kDouble) {
-    TORCH_INTERNAL_ASSERT(c_type == at::kDouble);
-    const double al = alpha, be = beta;
-    LORA_CUBLAS_CHECK(cublasGemmEx(handle, op_b, op_a, in, im, ik, &al, b.ptr, CUDA_R_64F, ldb, a.ptr, CUDA_R_64F,
-                                   lda, &be, c, CUDA_R_64F, ldc_i, CUBLAS_COMPUTE_64F, CUBLAS_GEMM_DEFAULT));
-  } else {
-    // CUBLAS_COMPUTE_32F honours the handle's math mode, so fp32 GEMMs use TF32
-    // exactly when torch.backends.cuda.matmul.allow_tf32 says so, like F.linear.
-    const float al = static_cast<float>(alpha), be = static_cast<float>(beta);
-    LORA_CUBLAS_CHECK(cublasGemmEx(handle, op_b, op_a, in, im, ik, &al, b.ptr, blas_dtype(b.dtype), ldb, a.ptr,
-                                   blas_dtype(a.dtype), lda, &be, c, blas_dtype(c_type), ldc_i, CUBLAS_COMPUTE_32F,
-                                   CUBLAS_GEMM_DEFAULT));
-  }
-}
-
-void gemm_into(int64_t m, int64_t n, int64_t k, const Operand& a, const Operand& b, double beta, at::Tensor& c,
-               cudaStream_t stream) {
-  TORCH_INTERNAL_ASSERT(c.dim() == 2 && c.size(0) == m && c.size(1) == n && (c.stride(1) == 1 || n <= 1));
-  gemm(m, n, k, 1.0, a, b, beta, c.data_ptr(), c.scalar_type(), std::max<int64_t>(c.stride(0), std::max<int64_t>(n, 1)),
-       stream);
-}
 
 // [hi|lo](scale * v) (or scale * v for fp32/fp64), plus a ones column, into
 // `out` ([rows, cols >= nsplit*r + ones], row stride out.stride(0)).
 void split_pack(const at::Tensor& v, double scale, bool ones_column, at::Tensor& out, cudaStream_t stream) {
   TORCH_INTERNAL_ASSERT(v.stride(1) == 1 && out.stride(1) == 1);
   LORA_CUDA_CHECK(cuda::launch_split_pack(kernel_dtype(out.scalar_type()), v.data_ptr(), v.stride(0), v.size(0),
-                                          v.size(1), scale, num_splits(out.scalar_type()), ones_column,
-                                          out.data_ptr(), out.stride(0), out.size(1), stream));
+                                          v.size(1), scale, num_splits(out.scalar_type()), ones_column, out.data_ptr(),
+                                          out.stride(0), out.size(1), stream));
 }
 
 void apply_dropout(const at::Tensor& in, at::Tensor& out, int64_t row_offset, int64_t index_cols,
-                   const at::Tensor& seed, uint64_t threshold, cudaStream_t stream) {
+                   const DropoutParams& drop, cudaStream_t stream) {
   LORA_CUDA_CHECK(cuda::launch_apply_dropout(kernel_dtype(in.scalar_type()), cmat(in), mmat(out), in.size(0),
-                                             in.size(1), row_offset, index_cols, seed.data_ptr<int64_t>(),
-                                             threshold, stream));
+                                             in.size(1), row_offset, index_cols, drop.seed_ptr(), drop.threshold,
+                                             stream));
 }
 
-void run_merge(const at::Tensor& in, at::Tensor& out, const at::Tensor& lora_A, const at::Tensor& lora_B,
-               double scale, cudaStream_t stream) {
+void run_merge(const at::Tensor& in, at::Tensor& out, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+               cudaStream_t stream) {
   LORA_CUDA_CHECK(cuda::launch_merge_lowrank(kernel_dtype(in.scalar_type()), cmat(in), mmat(out), cmat(lora_A),
                                              cmat(lora_B), in.size(0), in.size(1), lora_A.size(0), scale, stream));
 }
@@ -240,8 +113,7 @@ at::Tensor merged_impl(const at::Tensor& weight, const at::Tensor& lora_A, const
 }
 
 // The [N, cols] right-hand operand [B | B | bias | 0...] of the forward expand GEMM.
-at::Tensor stacked_lora_B(const at::Tensor& lora_B, const std::optional<at::Tensor>& bias, int nsplit,
-                          int64_t cols) {
+at::Tensor stacked_lora_B(const at::Tensor& lora_B, const std::optional<at::Tensor>& bias, int nsplit, int64_t cols) {
   const int64_t r = lora_B.size(1);
   at::Tensor out = at::zeros({lora_B.size(0), cols}, lora_B.options());
   for (int t = 0; t < nsplit; ++t) out.narrow(1, t * r, r).copy_(lora_B);
@@ -256,8 +128,8 @@ at::Tensor stacked_lora_B(const at::Tensor& lora_B, const std::optional<at::Tens
 // matches the CPU path's single rounding and costs nothing at that size.
 // Larger fp16/bf16 outputs: the output itself. cuBLAS then rounds the LoRA term
 // (plus bias) once into the output and the sum once more when the base GEMM adds
-// into it: an extra half-ulp of |LoRA term + bias| at worst, within DESIGN.md §4
-// (plain PyTorch rounds base, intermediate, LoRA output and sum separately),
+// into it: an extra half-ulp of |LoRA term + bias| at worst, within the error rule of
+// docs/design.md, "Numerics" (plain PyTorch rounds base, intermediate, LoRA output and sum separately),
 // in exchange for never moving an M x N fp32 scratch through HBM.
 at::Tensor accumulation_target(const at::Tensor& out) {
   const auto t = out.scalar_type();
@@ -269,30 +141,28 @@ at::Tensor accumulation_target(const at::Tensor& out) {
 
 // Rows per chunk of the row-chunked passes. LORA_EXT_CUDA_CHUNK_ROWS (a
 // positive integer) overrides the L2-sized default: a tuning and testing knob
-// (bench_gpu.py sweeps it; tests/test_cuda.py forces many small chunks), read
+// (benchmarks/bench_gpu.py sweeps it; tests/test_cuda.py forces many small chunks), read
 // on every call so it can be changed between calls.
 int64_t chunk_rows(int64_t M, int64_t row_bytes) {
-  int64_t rows = std::max(kMinChunkRows, kChunkBytes / std::max<int64_t>(row_bytes, 1));
   if (const char* env = std::getenv("LORA_EXT_CUDA_CHUNK_ROWS")) {
     const long long forced = std::atoll(env);
-    TORCH_CHECK(forced > 0, "lora_ext: LORA_EXT_CUDA_CHUNK_ROWS must be a positive integer, got '", env, "'");
-    rows = forced;
+    TORCH_CHECK_VALUE(forced > 0, "lora_ext: LORA_EXT_CUDA_CHUNK_ROWS must be a positive integer, got '", env, "'");
+    return std::max<int64_t>(1, std::min<int64_t>(forced, M));
   }
-  return std::max<int64_t>(1, std::min(rows, M));
+  return lora_ext::chunk_rows(M, row_bytes, kChunkBytes, kMinChunkRows);
 }
 
 }  // namespace
 
-at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
-                            const std::optional<at::Tensor>& dropout_seed, int64_t strategy) {
-  check_lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
-  TORCH_CHECK(x.is_cuda(), "lora_ext: the CUDA lora_linear got x on ", x.device());
+at::Tensor lora_linear_cuda_impl(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
+                                 const std::optional<at::Tensor>& dropout_seed, int64_t strategy) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
-  const bool has_bias = bias.has_value() && bias->defined();
+  const bool has_bias = has_tensor(bias);
   const auto dtype = x.scalar_type();
+  const DropoutParams drop = make_dropout(dropout_p, dropout_seed);
 
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
@@ -305,7 +175,7 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
     return y;
   }
 
-  if (use_merge_forward(strategy, M, N, K, x.element_size(), dropout_p, /*weff_size=*/x.element_size())) {
+  if (resolve_strategy(c10::DeviceType::CUDA, M, N, K, x.element_size(), dropout_p, strategy).merge_forward) {
     const at::Tensor w_eff = merged_impl(weight, lora_A, lora_B, scale, stream);
     if (has_bias) {
       at::addmm_out(y, *bias, x, w_eff.t());
@@ -315,22 +185,19 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
     return y;
   }
 
-  const bool dropout = dropout_p > 0.0;
   const at::Tensor xb = blas_friendly(x);
   const Operand a_t = operand(lora_A).t();  // A^T [K, r]
   at::Tensor xa = at::empty({M, r}, x.options().dtype(acc_dtype(dtype)));
-  if (!dropout) {
+  if (!drop.on()) {
     gemm_into(M, r, K, operand(xb), a_t, 0.0, xa, stream);
   } else {
     // drop01(x) materialised one L2-sized row chunk at a time, never as [M, K].
-    const at::Tensor& seed = *dropout_seed;
-    const uint64_t threshold = dropout_threshold(dropout_p);
     const int64_t rows = chunk_rows(M, K * x.element_size());
     at::Tensor xbuf = at::empty({rows, K}, x.options());
     for (int64_t m0 = 0; m0 < M; m0 += rows) {
       const int64_t rc = std::min(rows, M - m0);
       at::Tensor xd = xbuf.narrow(0, 0, rc);
-      apply_dropout(xb.narrow(0, m0, rc), xd, m0, K, seed, threshold, stream);
+      apply_dropout(xb.narrow(0, m0, rc), xd, m0, K, drop, stream);
       at::Tensor xa_c = xa.narrow(0, m0, rc);
       gemm_into(rc, r, K, operand(xd), a_t, 0.0, xa_c, stream);
     }
@@ -341,7 +208,7 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
   const int64_t inner = nsplit * r + (has_bias ? 1 : 0);
   const int64_t cols = round_up(inner, 8);  // 16-byte aligned rows for the tensor-core kernels
   at::Tensor lhs = at::empty({M, cols}, x.options());
-  split_pack(xa, scale * dropout_factor(dropout_p), has_bias, lhs, stream);
+  split_pack(xa, scale * drop.factor, has_bias, lhs, stream);
   const at::Tensor rhs = stacked_lora_B(lora_B, bias, nsplit, cols);  // [N, cols]
   at::Tensor target = accumulation_target(y);
   gemm_into(M, N, inner, operand(lhs.narrow(1, 0, inner)), operand(rhs.narrow(1, 0, inner)).t(), 0.0, target, stream);
@@ -350,20 +217,26 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const
   return y;
 }
 
-GradTuple lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                                    const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-                                    double dropout_p, const std::optional<at::Tensor>& dropout_seed,
-                                    int64_t strategy, std::array<bool, 5> output_mask) {
-  check_lora_linear(x, weight, std::nullopt, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
-  check_grad_out(grad_out, x, weight);
-  TORCH_CHECK(x.is_cuda(), "lora_ext: the CUDA lora_linear_backward got x on ", x.device());
+at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
+                            const std::optional<at::Tensor>& dropout_seed, int64_t strategy) {
+  check_lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+  check_cuda(x, "x");
+  return lora_linear_cuda_impl(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+}
+
+GradTuple lora_linear_backward_cuda_impl(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                         const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                                         double dropout_p, const std::optional<at::Tensor>& dropout_seed,
+                                         int64_t strategy, std::array<bool, 5> output_mask) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   const auto dtype = x.scalar_type();
   const auto acc_opts = x.options().dtype(acc_dtype(dtype));
-  const bool dropout = dropout_p > 0.0;
-  const double lora_scale = scale * dropout_factor(dropout_p);
+  const DropoutParams drop = make_dropout(dropout_p, dropout_seed);
+  const bool dropout = drop.on();
+  const double lora_scale = scale * drop.factor;
   const int nsplit = num_splits(dtype);
   const int64_t split_cols = nsplit * r;
 
@@ -381,12 +254,13 @@ GradTuple lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor
   if (output_mask[2]) grad_bias = g.sum(0);  // fp32 accumulation inside ATen, one rounding
   if (output_mask[1]) gemm_into(N, K, M, operand(g).t(), operand(xb), 0.0, grad_w, stream);
 
-  const bool merge = use_merge_backward(strategy, M, N, K, x.element_size(), dropout_p, /*weff_size=*/x.element_size());
+  const bool merge =
+      resolve_strategy(c10::DeviceType::CUDA, M, N, K, x.element_size(), dropout_p, strategy).merge_backward;
   const bool lora_grad_x = output_mask[0] && !merge;
   const bool need_gb = lora_grad_x || output_mask[3];
   const bool need_xa = output_mask[4];
 
-  at::Tensor P = need_xa ? at::zeros({N, split_cols}, acc_opts) : at::Tensor();  // g^T [hi|lo](s q xa)
+  at::Tensor P = need_xa ? at::zeros({N, split_cols}, acc_opts) : at::Tensor();         // g^T [hi|lo](s q xa)
   at::Tensor Q = output_mask[3] ? at::zeros({split_cols, K}, acc_opts) : at::Tensor();  // [hi|lo](s q gb)^T x~
   bool grad_x_started = false;  // whether gx_target holds the LoRA term already
   at::Tensor gx_target = lora_grad_x ? accumulation_target(grad_x) : grad_x;
@@ -395,7 +269,6 @@ GradTuple lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor
     const int64_t rows = chunk_rows(M, (K + N) * x.element_size());
     const int64_t cols = round_up(split_cols, 8);
     const bool mask_x = dropout && (need_xa || output_mask[3]);
-    const uint64_t threshold = dropout ? dropout_threshold(dropout_p) : 0;
     at::Tensor xbuf = mask_x ? at::empty({rows, K}, x.options()) : at::Tensor();
     at::Tensor xa_c = need_xa ? at::empty({rows, r}, acc_opts) : at::Tensor();
     at::Tensor gb_c = need_gb ? at::empty({rows, r}, acc_opts) : at::Tensor();
@@ -410,7 +283,7 @@ GradTuple lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor
       at::Tensor x_c = xb.narrow(0, m0, rc);
       if (mask_x) {
         at::Tensor xd = xbuf.narrow(0, 0, rc);
-        apply_dropout(x_c, xd, m0, K, *dropout_seed, threshold, stream);
+        apply_dropout(x_c, xd, m0, K, drop, stream);
         x_c = xd;
       }
       const Operand x_op = operand(x_c);
@@ -432,7 +305,7 @@ GradTuple lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor
         if (lora_grad_x) {
           at::Tensor gx_c = gx_target.narrow(0, m0, rc);
           gemm_into(rc, K, split_cols, lg_op, operand(lora_AA), 0.0, gx_c, stream);
-          if (dropout) apply_dropout(gx_c, gx_c, m0, K, *dropout_seed, threshold, stream);
+          if (dropout) apply_dropout(gx_c, gx_c, m0, K, drop, stream);
         }
       }
     }
@@ -453,46 +326,56 @@ GradTuple lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor
                                                 grad_A.data_ptr(), stream));
   }
   if (output_mask[4] && grad_B.numel() > 0) {
-    LORA_CUDA_CHECK(cuda::launch_combine_splits(kernel_dtype(dtype), P.data_ptr(), split_cols, 1, r, nsplit, N, r,
-                                                1.0, grad_B.data_ptr(), stream));
+    LORA_CUDA_CHECK(cuda::launch_combine_splits(kernel_dtype(dtype), P.data_ptr(), split_cols, 1, r, nsplit, N, r, 1.0,
+                                                grad_B.data_ptr(), stream));
   }
   return {grad_x, grad_w, grad_bias, grad_A, grad_B};
+}
+
+GradTuple lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                    const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
+                                    const std::optional<at::Tensor>& dropout_seed, int64_t strategy,
+                                    std::array<bool, 5> output_mask) {
+  check_lora_linear(x, weight, std::nullopt, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+  check_grad_out(grad_out, x, weight.size(0));
+  check_cuda(x, "x");
+  return lora_linear_backward_cuda_impl(grad_out, x, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy,
+                                        output_mask);
 }
 
 void merge_cuda(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale) {
   check_adapter(weight, lora_A, lora_B);
   check_scale(scale);
-  TORCH_CHECK(weight.is_cuda(), "lora_ext: the CUDA merge_ got weight on ", weight.device());
+  check_cuda(weight, "weight");
+  // RuntimeError, as torch's own in-place ops (and the fallback's copy_) raise for an overlapping output.
   TORCH_CHECK(at::has_internal_overlap(weight) != at::MemOverlap::Yes,
               "lora_ext: merge_ cannot update weight in place: its elements overlap in memory (an expanded view?), "
-              "shape ", shape_str(weight), ", strides ", weight.strides());
+              "shape ",
+              shape_str(weight), ", strides ", weight.strides());
   at::assert_no_overlap(weight, lora_A);
   at::assert_no_overlap(weight, lora_B);
   const c10::cuda::CUDAGuard guard(weight.device());
   if (weight.numel() == 0) return;
-  run_merge(weight, weight, lora_A, lora_B, scale, at::cuda::getCurrentCUDAStream());
+  run_merge(weight, weight, lora_A, lora_B, scale, cuda::current_stream());
 }
 
 at::Tensor merged_weight_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
                               double scale) {
   check_adapter(weight, lora_A, lora_B);
   check_scale(scale);
-  TORCH_CHECK(weight.is_cuda(), "lora_ext: the CUDA merged_weight got weight on ", weight.device());
+  check_cuda(weight, "weight");
   const c10::cuda::CUDAGuard guard(weight.device());
-  return merged_impl(weight, lora_A, lora_B, scale, at::cuda::getCurrentCUDAStream());
+  return merged_impl(weight, lora_A, lora_B, scale, cuda::current_stream());
 }
 
 at::Tensor dropout_mask_cuda(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
-  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong,
-              "lora_ext: seed must be a one-element int64 tensor, got shape ", shape_str(seed), " and dtype ",
-              seed.scalar_type());
-  TORCH_CHECK(rows >= 0 && cols >= 0, "lora_ext: dropout_mask rows and cols must be >= 0, got ", rows, " x ", cols);
-  TORCH_CHECK(p >= 0.0 && p <= 1.0, "lora_ext: dropout p must be in [0, 1], got ", p);
+  check_dropout_mask(seed, rows, cols, p);
+  check_cuda(seed, "seed");
   const c10::cuda::CUDAGuard guard(seed.device());
   at::Tensor out = at::empty({rows, cols}, seed.options().dtype(at::kBool));
   if (out.numel() == 0) return out;
   LORA_CUDA_CHECK(cuda::launch_dropout_mask(seed.data_ptr<int64_t>(), out.data_ptr<bool>(), out.numel(),
-                                            dropout_threshold(p), at::cuda::getCurrentCUDAStream()));
+                                            dropout_threshold(p), cuda::current_stream()));
   return out;
 }
 

@@ -1,7 +1,7 @@
 // Small kernels around the cuBLAS calls for the low-rank branch.
 //
 // cuBLAS GEMMs need both inputs in one dtype, but the low-rank intermediates
-// (xa = drop(x) A^T, gb = g B) are kept in fp32 (DESIGN.md §1). Rounding them
+// (xa = drop(x) A^T, gb = g B) are kept in fp32 (docs/design.md, "Numerics"). Rounding them
 // to bf16/fp16 before the expand GEMMs would add an extra rounding of the
 // LoRA term. Instead split_pack writes each fp32 value v as hi + lo with
 // hi = round(v), lo = round(v - hi): a GEMM over the columns [hi | lo] against
@@ -20,8 +20,8 @@ constexpr int kThreads = 256;
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     split_pack_kernel(const typename Num<T>::acc* __restrict__ v, int64_t ld_v, int64_t rows, int64_t r,
-                      typename Num<T>::acc scale, int nsplit, bool ones_column, T* __restrict__ out,
-                      int64_t ld_out, int64_t out_cols) {
+                      typename Num<T>::acc scale, int nsplit, bool ones_column, T* __restrict__ out, int64_t ld_out,
+                      int64_t out_cols) {
   using Acc = typename Num<T>::acc;
   const int64_t split_cols = nsplit * r;
   const int64_t total = rows * out_cols;
@@ -74,15 +74,14 @@ cudaError_t launch_split_pack(DType dtype, const void* v, int64_t ld_v, int64_t 
     using T = decltype(tag);
     using Acc = typename Num<T>::acc;
     split_pack_kernel<T><<<grid_for(rows * out_cols, kThreads, 8192), kThreads, 0, stream>>>(
-        static_cast<const Acc*>(v), ld_v, rows, r, static_cast<Acc>(scale), nsplit, ones_column,
-        static_cast<T*>(out), ld_out, out_cols);
+        static_cast<const Acc*>(v), ld_v, rows, r, static_cast<Acc>(scale), nsplit, ones_column, static_cast<T*>(out),
+        ld_out, out_cols);
     return cudaGetLastError();
   });
 }
 
-cudaError_t launch_combine_splits(DType dtype, const void* p, int64_t s0, int64_t s1, int64_t split_stride,
-                                  int nsplit, int64_t rows, int64_t cols, double scale, void* out,
-                                  cudaStream_t stream) {
+cudaError_t launch_combine_splits(DType dtype, const void* p, int64_t s0, int64_t s1, int64_t split_stride, int nsplit,
+                                  int64_t rows, int64_t cols, double scale, void* out, cudaStream_t stream) {
   if (rows <= 0 || cols <= 0) return cudaSuccess;
   if (nsplit < 1) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {

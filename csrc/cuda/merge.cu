@@ -1,7 +1,7 @@
 // Shared-memory tile kernel for merge_ / unmerge_ / merged_weight:
 //   out[n, k] = round(in[n, k] + scale * sum_j B[n, j] A[j, k])
 //
-// Cost model (DESIGN.md §2): the op must move W once (read + write, 2*N*K
+// Cost model (docs/design.md, "Cost model"): the op must move W once (read + write, 2*N*K
 // elements); A and B are tiny and stay in L2. So each block owns a TN x TK
 // tile of W, stages the matching slices A[:, k-tile] and B[n-tile, :] in
 // shared memory (fp32, r in chunks of RC), computes its tile of B A in fp32
@@ -17,17 +17,17 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kTileN = 32;                      // rows of W per block
+constexpr int kTileN = 32;                       // rows of W per block
 constexpr int kRowsPerThread = kTileN / kWarps;  // each warp owns rows warp, warp+8, ...
-constexpr int kRankChunk = 32;                  // rank columns staged in shared memory at once
+constexpr int kRankChunk = 32;                   // rank columns staged in shared memory at once
 
 template <typename T>
 struct Tile {
   using Acc = typename Num<T>::acc;
-  static constexpr int kVec = 16 / sizeof(T);             // W elements per 16-byte vector
-  static constexpr int kTileK = 32 * kVec;                 // one vector per lane across a warp
-  static constexpr int kAccPerChunk = 16 / sizeof(Acc);    // acc values per 16-byte shared load
-  static constexpr int kChunks = kVec / kAccPerChunk;      // 16-byte shared loads per lane per rank step
+  static constexpr int kVec = 16 / sizeof(T);            // W elements per 16-byte vector
+  static constexpr int kTileK = 32 * kVec;               // one vector per lane across a warp
+  static constexpr int kAccPerChunk = 16 / sizeof(Acc);  // acc values per 16-byte shared load
+  static constexpr int kChunks = kVec / kAccPerChunk;    // 16-byte shared loads per lane per rank step
   // Rank-loop unrolling: 4 keeps the FMA pipes fed; fp64 (twice the registers per
   // value) uses 2 so ptxas stays free of spills.
   static constexpr int kRankUnroll = sizeof(Acc) == 8 ? 2 : 4;
@@ -45,10 +45,9 @@ struct Tile {
 // `out` may alias `in` (merge_ in place), so neither is __restrict__.
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads, 2)
-    merge_lowrank_kernel(const T* in, int64_t in_s0, int64_t in_s1, T* out, int64_t out_s0,
-                         int64_t out_s1, const T* __restrict__ A, int64_t a_s0, int64_t a_s1,
-                         const T* __restrict__ B, int64_t b_s0, int64_t b_s1, int64_t N, int64_t K, int r,
-                         typename Num<T>::acc scale) {
+    merge_lowrank_kernel(const T* in, int64_t in_s0, int64_t in_s1, T* out, int64_t out_s0, int64_t out_s1,
+                         const T* __restrict__ A, int64_t a_s0, int64_t a_s1, const T* __restrict__ B, int64_t b_s0,
+                         int64_t b_s1, int64_t N, int64_t K, int r, typename Num<T>::acc scale) {
   using Acc = typename Num<T>::acc;
   using TT = Tile<T>;
   constexpr int kVec = TT::kVec;
@@ -193,13 +192,13 @@ cudaError_t merge_typed(ConstMatrix in, Matrix out, ConstMatrix A, ConstMatrix B
   const T* a_p = static_cast<const T*>(A.data);
   const T* b_p = static_cast<const T*>(B.data);
   if (vector) {
-    merge_lowrank_kernel<T, true><<<grid, kThreads, 0, stream>>>(in_p, in.s0, in.s1, out_p, out.s0, out.s1, a_p,
-                                                                 A.s0, A.s1, b_p, B.s0, B.s1, N, K,
-                                                                 static_cast<int>(r), static_cast<Acc>(scale));
+    merge_lowrank_kernel<T, true><<<grid, kThreads, 0, stream>>>(in_p, in.s0, in.s1, out_p, out.s0, out.s1, a_p, A.s0,
+                                                                 A.s1, b_p, B.s0, B.s1, N, K, static_cast<int>(r),
+                                                                 static_cast<Acc>(scale));
   } else {
-    merge_lowrank_kernel<T, false><<<grid, kThreads, 0, stream>>>(in_p, in.s0, in.s1, out_p, out.s0, out.s1, a_p,
-                                                                  A.s0, A.s1, b_p, B.s0, B.s1, N, K,
-                                                                  static_cast<int>(r), static_cast<Acc>(scale));
+    merge_lowrank_kernel<T, false><<<grid, kThreads, 0, stream>>>(in_p, in.s0, in.s1, out_p, out.s0, out.s1, a_p, A.s0,
+                                                                  A.s1, b_p, B.s0, B.s1, N, K, static_cast<int>(r),
+                                                                  static_cast<Acc>(scale));
   }
   return cudaGetLastError();
 }

@@ -20,13 +20,21 @@ __constant__ float kCode[16] = {LORA_EXT_NF4_CODE_VALUES};
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
 template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ double from_float<double>(float v) { return static_cast<double>(v); }
+__device__ __forceinline__ double from_float<double>(float v) {
+  return static_cast<double>(v);
+}
 template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 template <typename T>
 __global__ void dequantize_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ scales,
@@ -62,8 +70,8 @@ constexpr int kThreads = 256;
 
 }  // namespace
 
-cudaError_t launch_dequantize(OutType out_type, const uint8_t* packed, const float* scales, int log2_blocksize,
-                              int64_t n, void* out, cudaStream_t stream) {
+cudaError_t launch_dequantize(DType out_type, const uint8_t* packed, const float* scales, int log2_blocksize, int64_t n,
+                              void* out, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   if (log2_blocksize < 3) return cudaErrorInvalidValue;  // 8 elements per thread share one scale
   const int64_t groups = (n + 7) / 8;
@@ -71,20 +79,20 @@ cudaError_t launch_dequantize(OutType out_type, const uint8_t* packed, const flo
   if (grid > 0x7FFFFFFF) return cudaErrorInvalidValue;
   const dim3 g(static_cast<unsigned>(grid));
   switch (out_type) {
-    case OutType::kFloat32:
+    case DType::kFloat32:
       dequantize_kernel<float><<<g, kThreads, 0, stream>>>(packed, scales, log2_blocksize, n, static_cast<float*>(out));
       break;
-    case OutType::kFloat64:
-      dequantize_kernel<double><<<g, kThreads, 0, stream>>>(packed, scales, log2_blocksize, n,
-                                                             static_cast<double*>(out));
+    case DType::kFloat64:
+      dequantize_kernel<double>
+          <<<g, kThreads, 0, stream>>>(packed, scales, log2_blocksize, n, static_cast<double*>(out));
       break;
-    case OutType::kFloat16:
-      dequantize_kernel<__half><<<g, kThreads, 0, stream>>>(packed, scales, log2_blocksize, n,
-                                                             static_cast<__half*>(out));
+    case DType::kFloat16:
+      dequantize_kernel<__half>
+          <<<g, kThreads, 0, stream>>>(packed, scales, log2_blocksize, n, static_cast<__half*>(out));
       break;
-    case OutType::kBFloat16:
-      dequantize_kernel<__nv_bfloat16><<<g, kThreads, 0, stream>>>(packed, scales, log2_blocksize, n,
-                                                                    static_cast<__nv_bfloat16*>(out));
+    case DType::kBFloat16:
+      dequantize_kernel<__nv_bfloat16>
+          <<<g, kThreads, 0, stream>>>(packed, scales, log2_blocksize, n, static_cast<__nv_bfloat16*>(out));
       break;
     default:
       return cudaErrorInvalidValue;

@@ -10,15 +10,15 @@
 
 #include <cstdint>
 
+#include "../host/dtype.h"
+
 namespace lora_ext {
 namespace nf4_cuda {
 
-enum class OutType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-
 // out[e] = round<out_type>(kNF4Code[nibble(packed, e)] * scales[e >> log2_blocksize]) for e < n;
 // `out` is row-major contiguous with n elements.
-cudaError_t launch_dequantize(OutType out_type, const uint8_t* packed, const float* scales, int log2_blocksize,
-                              int64_t n, void* out, cudaStream_t stream);
+cudaError_t launch_dequantize(DType out_type, const uint8_t* packed, const float* scales, int log2_blocksize, int64_t n,
+                              void* out, cudaStream_t stream);
 
 // Double quantization: scales[b] = code[q[b]] * nested_absmax[b / nested_blocksize] + offset, for b < nblocks.
 cudaError_t launch_resolve_absmax(const uint8_t* q, const float* nested_absmax, const float* code, float offset,

@@ -39,7 +39,7 @@ def _check_same(ref: Tensor, ref_name: str, t: Tensor, name: str) -> None:
             f"lora_ext: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; all tensors must share one dtype"
         )
     if t.device != ref.device:
-        raise ValueError(
+        raise TypeError(
             f"lora_ext: {name} is on {t.device} but {ref_name} is on {ref.device}; all tensors must be on one device"
         )
 
@@ -123,7 +123,7 @@ def check_dropout_seed(dropout_p: float, dropout_seed: Tensor | None, x: Tensor)
             f"lora_ext: dropout_seed must be a one-element int64 tensor, got shape {_shape(dropout_seed)} and dtype {dropout_seed.dtype}"
         )
     if dropout_seed.device != x.device:
-        raise ValueError(f"lora_ext: dropout_seed is on {dropout_seed.device} but x is on {x.device}")
+        raise TypeError(f"lora_ext: dropout_seed is on {dropout_seed.device} but x is on {x.device}")
 
 
 def check_op_level(
@@ -184,7 +184,7 @@ def check_nf4_storage(storage, shape) -> None:
             f"with blocksize {blocksize}, got {absmax.numel()}"
         )
     if absmax.device != packed.device:
-        raise ValueError(f"lora_ext: absmax is on {absmax.device} but packed is on {packed.device}")
+        raise TypeError(f"lora_ext: absmax is on {absmax.device} but packed is on {packed.device}")
     if nested_absmax is None:
         if absmax.dtype != torch.float32:
             raise TypeError(f"lora_ext: absmax must be float32 without double quantization, got {absmax.dtype}")
@@ -205,4 +205,4 @@ def check_nf4_storage(storage, shape) -> None:
         )
     for t, name in ((nested_absmax, "nested_absmax"), (nested_code, "nested_code")):
         if t.device != packed.device:
-            raise ValueError(f"lora_ext: {name} is on {t.device} but packed is on {packed.device}")
+            raise TypeError(f"lora_ext: {name} is on {t.device} but packed is on {packed.device}")

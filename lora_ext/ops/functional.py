@@ -149,18 +149,19 @@ def strategy_plan(
 ) -> dict:
     """Which strategy the compiled kernels of ``device`` pick for ``x [m, k]`` and ``weight [n, k]``.
 
-    Returns ``{"forward": "merge" | "shrink_expand", "backward": ...}`` from the
-    cost model of the compiled library (docs/design.md §2), or ``{"forward": "reference", "backward":
-    "reference"}`` when the compiled library is not loaded (the fallback has a
-    single formula).
+    Returns ``{"forward": "merge" | "shrink_expand", "backward": ...}`` from
+    ``resolve_strategy`` in csrc/host/strategy.h (the function the kernels
+    call; docs/design.md §2), or ``{"forward": "reference", "backward": "reference"}``
+    when the compiled library is not loaded (the fallback has a single formula).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"lora_ext: strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
     if not _loader.extension_loaded():
         return {"forward": "reference", "backward": "reference"}
     elem = torch.empty((), dtype=dtype).element_size()
-    weff = elem if torch.device(device).type == "cuda" else 4  # CUDA keeps W_eff in the weight dtype
-    return dict(_loader._C.strategy_plan(m, n, k, elem, float(dropout_p), STRATEGIES[strategy], weff))
+    return dict(
+        _loader._C.strategy_plan(m, n, k, elem, float(dropout_p), STRATEGIES[strategy], torch.device(device).type)
+    )
 
 
 def _check_nf4_lora_args(x, qw: NF4Weight, lora_A, lora_B, scale, bias, dropout_p) -> tuple[float, float]:
@@ -171,7 +172,7 @@ def _check_nf4_lora_args(x, qw: NF4Weight, lora_A, lora_B, scale, bias, dropout_
         raise TypeError(f"lora_ext: x must be a torch.Tensor, got {type(x).__name__}")
     for t, name in ((x, "x"), (lora_A, "lora_A"), (lora_B, "lora_B"), (bias, "bias")):
         if isinstance(t, Tensor) and t.device != qw.device:
-            raise ValueError(f"lora_ext: {name} is on {t.device} but the NF4 weight is on {qw.device}")
+            raise TypeError(f"lora_ext: {name} is on {t.device} but the NF4 weight is on {qw.device}")
 
     def meta(t):
         return t.to("meta") if isinstance(t, Tensor) else t

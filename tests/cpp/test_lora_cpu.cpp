@@ -1,5 +1,5 @@
 // C++ tests of the CPU kernels and their dispatcher registration (run by ctest).
-// Each check compares against the float64 formula of DESIGN.md §1.
+// Each check compares against the float64 formula (docs/design.md, "Numerics").
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -39,8 +39,8 @@ void test_forward_backward_fp64() {
   for (int64_t strategy : {1, 2}) {
     at::Tensor y = lora_ext::lora_linear_cpu(x, W, bias, A, B, s, 0.0, std::nullopt, strategy);
     check(max_diff(y, ref) < 1e-10, "forward fp64, strategy " + std::to_string(strategy));
-    auto [gx, gw, gb, ga, gB] =
-        lora_ext::lora_linear_backward_cpu(g, x, W, A, B, s, 0.0, std::nullopt, strategy, {true, true, true, true, true});
+    auto [gx, gw, gb, ga, gB] = lora_ext::lora_linear_backward_cpu(g, x, W, A, B, s, 0.0, std::nullopt, strategy,
+                                                                   {true, true, true, true, true});
     check(max_diff(gx, at::mm(g, W) + s * at::mm(at::mm(g, B), A)) < 1e-10, "grad_x fp64");
     check(max_diff(gw, at::mm(g.t(), x)) < 1e-10, "grad_weight fp64");
     check(max_diff(gb, g.sum(0)) < 1e-10, "grad_bias fp64");
@@ -74,7 +74,9 @@ void test_merge_roundtrip_and_dispatcher() {
   auto opts = at::TensorOptions().dtype(at::kFloat);
   at::Tensor W = at::randn({33, 47}, opts), A = at::randn({3, 47}, opts), B = at::randn({33, 3}, opts);
   at::Tensor W0 = W.clone();
-  auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lora_ext::merge_", "").typed<void(at::Tensor, const at::Tensor&, const at::Tensor&, double)>();
+  auto op = c10::Dispatcher::singleton()
+                .findSchemaOrThrow("lora_ext::merge_", "")
+                .typed<void(at::Tensor, const at::Tensor&, const at::Tensor&, double)>();
   op.call(W, A, B, 0.75);
   at::Tensor ref = W0.to(at::kDouble) + 0.75 * at::mm(B.to(at::kDouble), A.to(at::kDouble));
   check(max_diff(W, ref) < 1e-5, "merge_ through the dispatcher");
@@ -89,10 +91,23 @@ void test_errors_name_the_tensor() {
   std::string msg;
   try {
     lora_ext::lora_linear_cpu(x, W, std::nullopt, A, badB, 1.0, 0.0, std::nullopt, 0);
-  } catch (const c10::Error& e) {
+  } catch (const c10::ValueError& e) {  // shapes: ValueError in Python (csrc/host/checks.h)
     msg = e.what();
+  } catch (const c10::Error& e) {
+    msg = std::string("not a ValueError: ") + e.what();
   }
   check(msg.find("lora_B must be [N, r] = [5, 2]") != std::string::npos, "bad lora_B message: " + msg.substr(0, 200));
+  msg.clear();
+  try {
+    lora_ext::lora_linear_cpu(x.to(at::kDouble), W, std::nullopt, A, at::randn({5, 2}, opts), 1.0, 0.0, std::nullopt,
+                              0);
+  } catch (const c10::TypeError& e) {  // dtypes: TypeError in Python
+    msg = e.what();
+  } catch (const c10::Error& e) {
+    msg = std::string("not a TypeError: ") + e.what();
+  }
+  check(msg.find("x has dtype torch.float64 but weight has dtype torch.float32") != std::string::npos,
+        "dtype mismatch message: " + msg.substr(0, 200));
 }
 
 }  // namespace

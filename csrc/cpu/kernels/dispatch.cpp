@@ -81,10 +81,10 @@ int resolve_auto() {
 }
 
 int checked(int v, const std::string& name, const char* source) {
-  TORCH_CHECK(v != -2, "lora_ext: unknown CPU kernel variant '", name, "' (", source,
+  TORCH_CHECK_VALUE(v != -2, "lora_ext: unknown CPU kernel variant '", name, "' (", source,
               "); expected auto, default, avx2, avx512 or aten");
   if (v == kUnresolved) return resolve_auto();
-  TORCH_CHECK(runnable(v), "lora_ext: CPU kernel variant '", name, "' (", source,
+  TORCH_CHECK_VALUE(runnable(v), "lora_ext: CPU kernel variant '", name, "' (", source,
               ") needs instructions this CPU lacks (",
               v == kAvx512 ? "AVX-512 F/BW/VL/DQ, FMA, F16C" : "AVX2, FMA, F16C",
               "); available: ", has_avx512() ? "default, avx2, avx512" : has_avx2() ? "default, avx2" : "default",
