@@ -24,7 +24,7 @@
 #include <cuda_runtime_api.h>
 #endif
 
-// Read from the file by lora_ext/_loader.py *before* the library is imported, so that a
+// Read from the file by lora_ext/ops/_loader.py *before* the library is imported, so that a
 // library built against another torch (another C++ ABI) is refused instead of loaded.
 extern "C" __attribute__((used, visibility("default"))) const char lora_ext_built_against_torch[] =
     "LORA_EXT_BUILT_AGAINST_TORCH=" LORA_EXT_TORCH_FULL_VERSION ";";

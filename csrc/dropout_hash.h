@@ -3,7 +3,7 @@
 // The keep/drop decision for element (m, k) of the logical [M, K] LoRA-branch
 // input is a pure function of (seed, m*K + k, p). Nothing is stored between
 // forward and backward: the backward regenerates the mask from the seed, and
-// every implementation (C++, CUDA, lora_ext/_reference.py) produces the same
+// every implementation (C++, CUDA, lora_ext/ops/reference.py) produces the same
 // bits, so the paths can be compared exactly even with dropout on.
 //
 //   hash32(v): v ^= v >> 16; v *= 0x7feb352d; v ^= v >> 15; v *= 0x846ca68b; v ^= v >> 16

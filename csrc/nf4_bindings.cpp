@@ -1,7 +1,8 @@
 // Op schemas of the NF4 (QLoRA) ops, declared once. Device files register
 // only implementations (csrc/cpu/nf4_cpu.cpp, csrc/cuda/nf4_cuda.cpp); fake
-// kernels, autograd and the pure-PyTorch fallback live in lora_ext/nf4.py,
-// which mirrors these strings in NF4_SCHEMAS (tests/test_nf4_lora.py checks it).
+// kernels and autograd live in lora_ext/ops/nf4.py (one OpDef per op, mirroring
+// these strings; tests/test_dispatcher.py checks it), the pure-PyTorch fallback in
+// lora_ext/ops/reference.py.
 //
 //   nf4_quantize(weight, blocksize) -> (packed uint8 [(n+1)/2], absmax fp32 [nblocks])
 //   blockwise_quantize_8bit(x, code [256], blocksize) -> (codes uint8 [n], absmax fp32 [nblocks])

@@ -18,7 +18,7 @@
 #define NF4_HD inline
 #endif
 
-// bitsandbytes get_4bit_type("nf4"), ascending (lora_ext/nf4.py NF4_CODE_VALUES); a macro so the
+// bitsandbytes get_4bit_type("nf4"), ascending (lora_ext/ops/reference.py NF4_CODE_VALUES); a macro so the
 // CUDA __constant__ table is initialised from the same literals.
 #define LORA_EXT_NF4_CODE_VALUES \
   -1.0f, \

@@ -1,7 +1,7 @@
 // Host declarations shared by the CPU and CUDA implementations.
 //
 // Op schemas (namespace lora_ext), declared once in registration.cpp and mirrored
-// for the pure-PyTorch fallback in lora_ext/_ops.py:
+// for the pure-PyTorch fallback in lora_ext/ops/dense.py:
 //
 //   lora_linear(x [M,K], weight [N,K], bias [N]?, lora_A [r,K], lora_B [N,r],
 //               scale, dropout_p, dropout_seed int64[]?, strategy) -> y [M,N]

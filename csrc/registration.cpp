@@ -1,7 +1,8 @@
 // Op schemas, declared once. Device files register only their implementations
 // (TORCH_LIBRARY_IMPL); fake kernels and autograd are registered from Python
-// (lora_ext/_ops.py), which also mirrors these schemas for the pure-PyTorch
-// fallback — tests/test_dispatcher.py checks that the two agree.
+// (lora_ext/ops/dense.py, one OpDef per op, registered by lora_ext/ops/_library.py), which
+// also mirrors these schemas for the pure-PyTorch fallback; tests/test_dispatcher.py checks
+// that the two agree.
 #include <torch/library.h>
 
 TORCH_LIBRARY(lora_ext, m) {

@@ -2,10 +2,10 @@
 
 Paths: the public wrapper (lora_ext.lora_linear / lora_linear_nf4), the op called directly
 (torch.ops.lora_ext.*: the compiled C++ kernel when the extension is loaded), and the
-pure-PyTorch fallback kernels (lora_ext._reference / lora_ext.nf4 *_ref functions, and the
-whole file once more in a subprocess with LORA_EXT_DISABLE_EXTENSION=1).
+pure-PyTorch fallback kernels (lora_ext/ops/reference.py), and the whole file once more
+in a subprocess with LORA_EXT_DISABLE_EXTENSION=1.
 ValueError: shapes and values; TypeError: dtypes and devices (csrc/host/checks.h,
-lora_ext/_checks.py). Wrong device needs a second real device (meta tensors dispatch to the
+lora_ext/ops/checks.py). Wrong device needs a second real device (meta tensors dispatch to the
 fake kernels), so it is covered by tests/test_cuda.py on a GPU machine only.
 """
 

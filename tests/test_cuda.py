@@ -509,7 +509,7 @@ def test_merge_rejects_overlapping_weight():
 
 def test_errors_name_tensors_and_devices():
     x, w, a, b, _ = _cuda(make_inputs(4, 16, 8, 2, torch.float32))
-    with pytest.raises(TypeError, match="lora_A is on cpu"):  # devices: TypeError, as in lora_ext/_checks.py
+    with pytest.raises(TypeError, match="lora_A is on cpu"):  # devices: TypeError, as in lora_ext/ops/checks.py
         OPS.lora_linear(x, w, None, a.cpu(), b, SCALE, 0.0, None, 0)
     with pytest.raises(ValueError, match="dropout_seed"):
         OPS.lora_linear(x, w, None, a, b, SCALE, 0.5, torch.tensor(1), 0)

@@ -1,7 +1,7 @@
 // CPU implementations of the NF4 (QLoRA) ops.
 //
 // quantize / dequantize reproduce bitsandbytes 0.50 bit for bit (see the
-// rounding rules in lora_ext/nf4.py); the fused LoRA forward and backward
+// rounding rules in lora_ext/quant/nf4.py); the fused LoRA forward and backward
 // dequantize the frozen weight in row tiles of about 4 MiB straight into the
 // GEMM operand, so no full-precision copy of W ever exists:
 //

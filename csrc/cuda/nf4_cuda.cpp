@@ -12,7 +12,7 @@
 // measured on a GPU.)
 //
 // nf4_quantize and blockwise_quantize_8bit have no CUDA kernel: the
-// pure-PyTorch fallback (lora_ext/nf4.py) serves them on GPU.
+// pure-PyTorch fallback (lora_ext/ops/reference.py) serves them on GPU.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>

@@ -1,12 +1,11 @@
 // Named input checks of every op, shared by the CPU and CUDA kernels. The
-// contract is lora_ext/_checks.py's (and lora_ext/nf4.py's for the NF4 ops),
+// contract is lora_ext/ops/checks.py's (the dense and the NF4 ops),
 // in the same order and with the same messages, so a bad call raises the same
 // Python exception on every path:
 //   TORCH_CHECK_VALUE -> ValueError: shapes and values (ranks, K, N, bias, scale,
 //                                    dropout_p, the dropout seed, strategy, NF4 storage sizes)
-//   TORCH_CHECK_TYPE  -> TypeError : dtypes, and tensors on different devices
-// (the NF4 ops keep lora_ext/nf4.py's ValueError for "on another device than the
-// NF4 weight" and the dense ops lora_ext/_checks.py's ValueError for the seed).
+//   TORCH_CHECK_TYPE  -> TypeError : dtypes, and tensors on different devices (the seed
+//                                    and the NF4 storage included)
 // Each op entry validates once; the functions it calls trust their inputs.
 #pragma once
 
@@ -97,7 +96,7 @@ inline void check_dropout_seed(double dropout_p, const std::optional<at::Tensor>
                     " but x is on ", x.device());
 }
 
-// weight [N, K], lora_A [r, K], lora_B [N, r] (lora_ext/_checks.py check_adapter).
+// weight [N, K], lora_A [r, K], lora_B [N, r] (lora_ext/ops/checks.py check_adapter).
 inline void check_adapter(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B) {
   check_float_dtype(weight, "weight");
   check_float_dtype(lora_A, "lora_A");
@@ -117,7 +116,7 @@ inline void check_adapter(const at::Tensor& weight, const at::Tensor& lora_A, co
 }
 
 // The lora_linear op: x [M, K] plus the adapter, bias [N] or none, dropout settings, strategy
-// (lora_ext/_checks.py check_op_level).
+// (lora_ext/ops/checks.py check_op_level).
 inline void check_lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
                               const std::optional<at::Tensor>& dropout_seed, int64_t strategy) {
@@ -139,14 +138,14 @@ inline void check_lora_linear(const at::Tensor& x, const at::Tensor& weight, con
   check_strategy(strategy);
 }
 
-// grad_out [M, N] like x and weight (lora_ext/_checks.py check_grad_out).
+// grad_out [M, N] like x and weight (lora_ext/ops/checks.py check_grad_out).
 inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& x, int64_t N) {
   TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == N,
                     "lora_ext: grad_out must be [M, N] = [", x.size(0), ", ", N, "], got shape ", shape_str(grad_out));
   check_same_dtype_device(x, "x", grad_out, "grad_out");
 }
 
-// dropout_mask(seed, rows, cols, p) (lora_ext/_reference.py dropout_mask).
+// dropout_mask(seed, rows, cols, p) (lora_ext/ops/reference.py dropout_mask).
 inline void check_dropout_mask(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
   TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong,
                     "lora_ext: seed must be a one-element int64 tensor, got shape ", shape_str(seed), " and dtype ",
@@ -156,7 +155,7 @@ inline void check_dropout_mask(const at::Tensor& seed, int64_t rows, int64_t col
   TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "lora_ext: dropout p must be in [0, 1], got ", p);
 }
 
-// ------------------------------------------------------------------ NF4 (lora_ext/nf4.py)
+// ------------------------------------------------------------------ NF4 (lora_ext/ops/checks.py)
 
 inline void check_nf4_blocksize(int64_t blocksize) {
   TORCH_CHECK_VALUE(nf4::is_supported_blocksize(blocksize),
@@ -171,7 +170,7 @@ inline void check_nf4_shape(at::IntArrayRef shape) {
 
 // packed uint8 [(n+1)/2], absmax fp32 [nblocks] or uint8 codes with nested_absmax fp32
 // [ceil(nblocks / nested_blocksize)] and nested_code fp32 [256]; all on packed's device
-// (lora_ext/nf4.py _check_nf4_tensors).
+// (lora_ext/ops/checks.py check_nf4_storage).
 inline void check_nf4_storage(const NF4Params& w) {
   check_nf4_blocksize(w.blocksize);
   check_nf4_shape({w.N, w.K});
@@ -211,15 +210,15 @@ inline void check_nf4_storage(const NF4Params& w) {
                     w.nested_code->device(), " but packed is on ", w.packed.device());
 }
 
-// nf4_dequantize's output dtype (lora_ext/nf4.py dequantize_nf4).
+// nf4_dequantize's output dtype (lora_ext/quant/nf4.py dequantize_nf4).
 inline void check_nf4_out_dtype(at::ScalarType dtype) {
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
                    "lora_ext: dequantize_nf4 dtype must be a floating dtype, got ", dtype_str(dtype));
 }
 
 // lora_linear_nf4 (w.K is x's K): x 2-D, the storage, then x [M, K] and the adapter in one float dtype on the NF4
-// weight's device, bias [N] or none (lora_ext/nf4.py: the device checks first, then
-// lora_ext/_checks.py's checks against the dequantized weight [N, K] in x's dtype).
+// weight's device, bias [N] or none (lora_ext/ops/functional.py: the device checks first, then
+// lora_ext/ops/checks.py's checks against the dequantized weight [N, K] in x's dtype).
 inline void check_nf4_lora(const at::Tensor& x, const NF4Params& w, const std::optional<at::Tensor>& bias,
                            const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
                            const std::optional<at::Tensor>& dropout_seed) {

@@ -1,6 +1,6 @@
 // Dropout parameters of one op call, shared by the CPU and CUDA paths. The
 // keep/drop hash itself is csrc/dropout_hash.h (torch-free: nvcc and the
-// pure-PyTorch mirror in lora_ext/_reference.py implement the same bits).
+// pure-PyTorch mirror in lora_ext/ops/reference.py implement the same bits).
 #pragma once
 
 #include <ATen/ATen.h>
