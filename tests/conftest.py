@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,6 +69,36 @@ def dropout_case(m, k, n, r, dtype, p, scale):
         return lora_ext.lora_linear(x, w, a, b, scale, bias=bb, dropout_p=p)
 
     return inputs, keep, fused
+
+
+def check_empty_batch(dtype) -> None:
+    """M = 0 through the public op: an empty output, zero gradients of the right shapes."""
+    x, w, a, b, bias = make_inputs(0, 16, 8, 2, dtype)
+    leaves = [t.requires_grad_(True) for t in (x, w, a, b, bias)]
+    y = lora_ext.lora_linear(*leaves[:4], 1.0, bias=leaves[4], dropout_p=0.2)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert leaves[0].grad.shape == (0, 16)
+    for t in leaves[1:]:
+        assert t.grad.shape == t.shape and torch.count_nonzero(t.grad) == 0
+
+
+def run_in_fallback_mode(files: list[str], timeout: int) -> str:
+    """Run pytest on ``files`` in a subprocess with LORA_EXT_DISABLE_EXTENSION=1; returns its last lines."""
+    env = dict(os.environ, LORA_EXT_DISABLE_EXTENSION="1")
+    env.pop("LORA_EXT_REQUIRE_EXTENSION", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    tail = "\n".join(out.stdout.splitlines()[-30:])
+    assert out.returncode == 0, f"fallback-mode run failed:\n{tail}\n{out.stderr[-3000:]}"
+    return tail
 
 
 def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:

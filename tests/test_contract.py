@@ -11,19 +11,15 @@ fake kernels), so it is covered by tests/test_cuda.py on a GPU machine only.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import IN_FALLBACK_MODE
+from conftest import IN_FALLBACK_MODE, run_in_fallback_mode
 
 import lora_ext
 from lora_ext.ops import _library as _ops
 from lora_ext.ops import reference as _reference
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = torch.ops.lora_ext
 
 
@@ -206,15 +202,4 @@ def test_strategy_plan_matches_the_kernels_cost_model():
 
 @pytest.mark.skipif(IN_FALLBACK_MODE, reason="already running in fallback mode")
 def test_contract_holds_in_fallback_mode():
-    env = dict(os.environ, LORA_EXT_DISABLE_EXTENSION="1")
-    env.pop("LORA_EXT_REQUIRE_EXTENSION", None)
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_contract.py"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    tail = "\n".join(out.stdout.splitlines()[-20:])
-    assert out.returncode == 0, f"fallback-mode run failed:\n{tail}\n{out.stderr[-3000:]}"
+    run_in_fallback_mode(["tests/test_contract.py"], timeout=900)

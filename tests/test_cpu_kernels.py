@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPE_IDS, DTYPES, assert_rule, dropout_case, make_inputs, requires_extension, torch_lora
+from conftest import (
+    DTYPE_IDS,
+    DTYPES,
+    assert_rule,
+    check_empty_batch,
+    dropout_case,
+    make_inputs,
+    requires_extension,
+    torch_lora,
+)
 
 import lora_ext
 
@@ -151,14 +160,7 @@ def test_noncontiguous_x_and_expanded_grad(variant, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_empty_batch(variant, dtype):
-    x, w, a, b, bias = make_inputs(0, 16, 8, 2, dtype)
-    leaves = [t.requires_grad_(True) for t in (x, w, a, b, bias)]
-    y = lora_ext.lora_linear(*leaves[:4], 1.0, bias=leaves[4], dropout_p=0.2)
-    assert y.shape == (0, 8)
-    y.sum().backward()
-    assert leaves[0].grad.shape == (0, 16)
-    for t in leaves[1:]:
-        assert t.grad.shape == t.shape and torch.count_nonzero(t.grad) == 0
+    check_empty_batch(dtype)
 
 
 def _ulp(t: torch.Tensor) -> torch.Tensor:

@@ -152,9 +152,14 @@ class LoraLayer(nn.Module):
     def _check_base(self, base_layer: nn.Module) -> None:
         """Refuse a base layer of the right type that still cannot take LoRA (hook)."""
 
+    container_type: type[nn.Module] = nn.ModuleDict  # what holds one adapter's tensors per name
+    feature_attrs = ("in_features", "out_features")  # base layer attributes giving (in, out)
+
     def _init_containers(self, base_layer: nn.Module) -> None:
-        """Set in_features/out_features and create the (empty) per-adapter containers (hook)."""
-        raise NotImplementedError
+        """Set in_features/out_features and create the (empty) per-adapter containers."""
+        self.in_features, self.out_features = (getattr(base_layer, a) for a in self.feature_attrs)
+        for attr in self.adapter_layer_names:
+            setattr(self, attr, self.container_type())
 
     # ---- state
 
@@ -368,12 +373,6 @@ class LoraLinear(LoraLayer):
     base_type = nn.Linear
     base_name = "an nn.Linear"
 
-    def _init_containers(self, base_layer: nn.Module) -> None:
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-
     def _check_base(self, base_layer: nn.Module) -> None:
         if not base_layer.weight.is_floating_point():
             raise TypeError(f"lora_ext: LoraLinear needs a floating-point weight, got {base_layer.weight.dtype}")
@@ -556,12 +555,8 @@ class LoraEmbedding(LoraLayer):
     factor_keys = ("lora_embedding_A", "lora_embedding_B")
     base_type = nn.Embedding
     base_name = "an nn.Embedding"
-
-    def _init_containers(self, base_layer: nn.Module) -> None:
-        self.in_features = base_layer.num_embeddings
-        self.out_features = base_layer.embedding_dim
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
+    container_type = nn.ParameterDict
+    feature_attrs = ("num_embeddings", "embedding_dim")
 
     def _adapter_params(self, name: str) -> Iterator[nn.Parameter]:
         yield self.lora_embedding_A[name]
