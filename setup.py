@@ -84,13 +84,15 @@ def _nvcc_archs(cuda_home: str) -> set[str]:
 
 
 def _cuda_arch_list(cuda_home: str) -> str:
-    wanted = [a.strip() for a in os.environ.get("LORA_EXT_CUDA_ARCHS", "8.0;9.0").replace(",", ";").split(";") if a.strip()]
+    wanted = [
+        a.strip() for a in os.environ.get("LORA_EXT_CUDA_ARCHS", "8.0;9.0").replace(",", ";").split(";") if a.strip()
+    ]
     supported = _nvcc_archs(cuda_home)
     archs = []
     for arch in wanted:
         base = arch.replace("+PTX", "")
         if supported and base.replace(".", "") not in supported:
-            warnings.warn(f"lora_ext: nvcc does not support compute capability {base}; skipping it")
+            warnings.warn(f"lora_ext: nvcc does not support compute capability {base}; skipping it", stacklevel=2)
             continue
         archs.append(base)
     if not archs:

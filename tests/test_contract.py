@@ -11,7 +11,6 @@ fake kernels), so it is covered by tests/test_cuda.py on a GPU machine only.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from conftest import IN_FALLBACK_MODE, run_in_fallback_mode
