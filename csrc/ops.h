@@ -35,49 +35,38 @@ namespace lora_ext {
 
 using GradTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                           const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
-                           const std::optional<at::Tensor>& dropout_seed, int64_t strategy);
+// The C++ parameter lists of the dense LoRA ops (their schemas' arguments, in order),
+// shared by every backend's declaration below and by the internal variants.
+// clang-format off
+#define LORA_EXT_LINEAR_PARAMS                                                                                   \
+  const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, \
+      const at::Tensor& lora_B, double scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed,    \
+      int64_t strategy
+#define LORA_EXT_LINEAR_BACKWARD_PARAMS                                                                       \
+  const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,        \
+      const at::Tensor& lora_B, double scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed, \
+      int64_t strategy, std::array<bool, 5> output_mask
+// clang-format on
 
-GradTuple lora_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                                   const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
-                                   const std::optional<at::Tensor>& dropout_seed, int64_t strategy,
-                                   std::array<bool, 5> output_mask);
+// The checked op entries of one backend: lora_linear_<backend>, lora_linear_backward_<backend>,
+// merge_<backend>, merged_weight_<backend>, dropout_mask_<backend>.
+#define LORA_EXT_DECLARE_DENSE_OPS(backend)                                                                        \
+  at::Tensor lora_linear_##backend(LORA_EXT_LINEAR_PARAMS);                                                        \
+  GradTuple lora_linear_backward_##backend(LORA_EXT_LINEAR_BACKWARD_PARAMS);                                       \
+  void merge_##backend(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);      \
+  at::Tensor merged_weight_##backend(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, \
+                                     double scale);                                                                \
+  at::Tensor dropout_mask_##backend(const at::Tensor& seed, int64_t rows, int64_t cols, double p)
 
-void merge_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
-
-at::Tensor merged_weight_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                             double scale);
-
-at::Tensor dropout_mask_cpu(const at::Tensor& seed, int64_t rows, int64_t cols, double p);
+// CPU (csrc/cpu/lora_cpu.cpp).
+LORA_EXT_DECLARE_DENSE_OPS(cpu);
 
 // CUDA (csrc/cuda/lora_cuda.cpp; compiled only with LORA_EXT_WITH_CUDA).
-
-at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
-                            const std::optional<at::Tensor>& dropout_seed, int64_t strategy);
-
-GradTuple lora_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                                    const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
-                                    const std::optional<at::Tensor>& dropout_seed, int64_t strategy,
-                                    std::array<bool, 5> output_mask);
-
-void merge_cuda(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale);
-
-at::Tensor merged_weight_cuda(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                              double scale);
-
-at::Tensor dropout_mask_cuda(const at::Tensor& seed, int64_t rows, int64_t cols, double p);
+LORA_EXT_DECLARE_DENSE_OPS(cuda);
 
 // The CUDA lora_linear / lora_linear_backward without their checks, on x's device and
 // current stream (the NF4 CUDA ops run them on the dequantized weight).
-at::Tensor lora_linear_cuda_impl(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                 const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
-                                 const std::optional<at::Tensor>& dropout_seed, int64_t strategy);
-
-GradTuple lora_linear_backward_cuda_impl(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                                         const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-                                         double dropout_p, const std::optional<at::Tensor>& dropout_seed,
-                                         int64_t strategy, std::array<bool, 5> output_mask);
+at::Tensor lora_linear_cuda_impl(LORA_EXT_LINEAR_PARAMS);
+GradTuple lora_linear_backward_cuda_impl(LORA_EXT_LINEAR_BACKWARD_PARAMS);
 
 }  // namespace lora_ext

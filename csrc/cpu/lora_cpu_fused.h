@@ -15,18 +15,13 @@ namespace lora_ext {
 
 bool fused_cpu_kernels_apply(at::ScalarType dtype, int64_t rank);
 
-at::Tensor lora_linear_cpu_fused(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                 const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
-                                 const std::optional<at::Tensor>& dropout_seed, int64_t strategy);
-
-GradTuple lora_linear_backward_cpu_fused(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                                         const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-                                         double dropout_p, const std::optional<at::Tensor>& dropout_seed,
-                                         int64_t strategy, std::array<bool, 5> output_mask);
+// The CPU lora_linear / lora_linear_backward on the fused kernels (inputs already checked).
+at::Tensor lora_linear_cpu_fused(LORA_EXT_LINEAR_PARAMS);
+GradTuple lora_linear_backward_cpu_fused(LORA_EXT_LINEAR_BACKWARD_PARAMS);
 
 // out = weight + scale * lora_B lora_A, accumulated in fp32 and rounded once into out's dtype
 // (out may be weight itself: the in-place merge reads and writes W once).
-void merged_rows_into_fused(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                            double scale, at::Tensor& out);
+void merged_rows_into_fused(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                            at::Tensor& out);
 
 }  // namespace lora_ext

@@ -32,6 +32,7 @@
 #include "../host/checks.h"
 #include "../host/common.h"
 #include "../host/dropout.h"
+#include "../host/nf4_entries.h"
 #include "../host/nf4_params.h"
 #include "lowrank_aten.h"
 
@@ -394,41 +395,15 @@ NF4GradTuple lora_linear_nf4_backward_impl(const Tensor& grad_out, const Tensor&
           mask[3] ? gB.mul_(branch_scale).to(lora_B.scalar_type()) : x.new_empty({0})};
 }
 
-// Op entries: gather the NF4 storage once, validate once.
-Tensor lora_linear_nf4_cpu(const Tensor& x, const Tensor& packed, const Tensor& absmax,
-                           const std::optional<Tensor>& nested_absmax, const std::optional<Tensor>& nested_code,
-                           double offset, int64_t blocksize, int64_t nested_blocksize, int64_t out_features,
-                           const std::optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B, double scale,
-                           double dropout_p, const std::optional<Tensor>& dropout_seed) {
-  check_cpu(x, "x");
-  const NF4Params w = nf4_params(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                                 out_features, x.dim() == 2 ? x.size(1) : 0);
-  check_nf4_lora(x, w, bias, lora_A, lora_B, scale, dropout_p, dropout_seed);
-  return lora_linear_nf4_forward(x, w, bias, lora_A, lora_B, scale, dropout_p, dropout_seed);
-}
-
-NF4GradTuple lora_linear_nf4_backward_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& packed,
-                                          const Tensor& absmax, const std::optional<Tensor>& nested_absmax,
-                                          const std::optional<Tensor>& nested_code, double offset, int64_t blocksize,
-                                          int64_t nested_blocksize, int64_t out_features, const Tensor& lora_A,
-                                          const Tensor& lora_B, double scale, double dropout_p,
-                                          const std::optional<Tensor>& dropout_seed, std::array<bool, 4> mask) {
-  check_cpu(x, "x");
-  const NF4Params w = nf4_params(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                                 out_features, x.dim() == 2 ? x.size(1) : 0);
-  check_nf4_lora(x, w, std::nullopt, lora_A, lora_B, scale, dropout_p, dropout_seed);
-  check_grad_out(grad_out, x, out_features);
-  return lora_linear_nf4_backward_impl(grad_out, x, w, lora_A, lora_B, scale, dropout_p, dropout_seed, mask);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
   m.impl("nf4_quantize", &nf4_quantize_cpu);
   m.impl("blockwise_quantize_8bit", &blockwise_quantize_8bit_cpu);
   m.impl("nf4_dequantize", &nf4_dequantize_cpu);
-  m.impl("lora_linear_nf4", &lora_linear_nf4_cpu);
-  m.impl("lora_linear_nf4_backward", &lora_linear_nf4_backward_cpu);
+  m.impl("lora_linear_nf4", &lora_linear_nf4_entry<c10::DeviceType::CPU, &lora_linear_nf4_forward>);
+  m.impl("lora_linear_nf4_backward",
+         &lora_linear_nf4_backward_entry<c10::DeviceType::CPU, &lora_linear_nf4_backward_impl>);
 }
 
 }  // namespace lora_ext

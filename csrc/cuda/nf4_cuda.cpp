@@ -21,6 +21,7 @@
 
 #include "../host/checks.h"
 #include "../host/common.h"
+#include "../host/nf4_entries.h"
 #include "../host/nf4_params.h"
 #include "../host/strategy.h"
 #include "../ops.h"
@@ -70,30 +71,17 @@ Tensor nf4_dequantize_cuda(const Tensor& packed, const Tensor& absmax, const std
   return dequantize(w, dtype);
 }
 
-Tensor lora_linear_nf4_cuda(const Tensor& x, const Tensor& packed, const Tensor& absmax,
-                            const std::optional<Tensor>& nested_absmax, const std::optional<Tensor>& nested_code,
-                            double offset, int64_t blocksize, int64_t nested_blocksize, int64_t out_features,
-                            const std::optional<Tensor>& bias, const Tensor& lora_A, const Tensor& lora_B, double scale,
-                            double dropout_p, const std::optional<Tensor>& dropout_seed) {
-  check_cuda(x, "x");
-  const NF4Params w = nf4_params(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                                 out_features, x.dim() == 2 ? x.size(1) : 0);
-  check_nf4_lora(x, w, bias, lora_A, lora_B, scale, dropout_p, dropout_seed);
+// The unchecked NF4 LoRA ops: W dequantized into a transient in x's dtype, then the dense CUDA op.
+Tensor lora_linear_nf4_forward_cuda(const Tensor& x, const NF4Params& w, const std::optional<Tensor>& bias,
+                                    const Tensor& lora_A, const Tensor& lora_B, double scale, double dropout_p,
+                                    const std::optional<Tensor>& dropout_seed) {
   return lora_linear_cuda_impl(x, dequantize(w, x.scalar_type()), bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
                                kAuto);
 }
 
-NF4GradTuple lora_linear_nf4_backward_cuda(const Tensor& grad_out, const Tensor& x, const Tensor& packed,
-                                           const Tensor& absmax, const std::optional<Tensor>& nested_absmax,
-                                           const std::optional<Tensor>& nested_code, double offset, int64_t blocksize,
-                                           int64_t nested_blocksize, int64_t out_features, const Tensor& lora_A,
-                                           const Tensor& lora_B, double scale, double dropout_p,
+NF4GradTuple lora_linear_nf4_backward_cuda(const Tensor& grad_out, const Tensor& x, const NF4Params& w,
+                                           const Tensor& lora_A, const Tensor& lora_B, double scale, double dropout_p,
                                            const std::optional<Tensor>& dropout_seed, std::array<bool, 4> mask) {
-  check_cuda(x, "x");
-  const NF4Params w = nf4_params(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                                 out_features, x.dim() == 2 ? x.size(1) : 0);
-  check_nf4_lora(x, w, std::nullopt, lora_A, lora_B, scale, dropout_p, dropout_seed);
-  check_grad_out(grad_out, x, out_features);
   auto [gx, gw, gbias, ga, gb] =
       lora_linear_backward_cuda_impl(grad_out, x, dequantize(w, x.scalar_type()), lora_A, lora_B, scale, dropout_p,
                                      dropout_seed, kAuto, {mask[0], false, mask[1], mask[2], mask[3]});
@@ -105,8 +93,9 @@ NF4GradTuple lora_linear_nf4_backward_cuda(const Tensor& grad_out, const Tensor&
 
 TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
   m.impl("nf4_dequantize", &nf4_dequantize_cuda);
-  m.impl("lora_linear_nf4", &lora_linear_nf4_cuda);
-  m.impl("lora_linear_nf4_backward", &lora_linear_nf4_backward_cuda);
+  m.impl("lora_linear_nf4", &lora_linear_nf4_entry<c10::DeviceType::CUDA, &lora_linear_nf4_forward_cuda>);
+  m.impl("lora_linear_nf4_backward",
+         &lora_linear_nf4_backward_entry<c10::DeviceType::CUDA, &lora_linear_nf4_backward_cuda>);
 }
 
 }  // namespace lora_ext
