@@ -31,7 +31,7 @@ def _lora_ext():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         import lora_ext
-        from lora_ext import _loader
+        from lora_ext.ops import _loader
     if _loader._C is None:
         raise SystemExit("lora_ext: compiled extension not loaded; build it first")
     return lora_ext, _loader._C

@@ -24,7 +24,7 @@ STRATEGY_CODES = {"auto": 0, "shrink_expand": 1, "merge": 2}
 
 
 def _C():
-    from lora_ext import _loader
+    from lora_ext.ops import _loader
 
     return _loader._C
 
