@@ -111,8 +111,11 @@ def bench_merge(C, lora_ext, variants, N, K, r, dtype, repeats, calls):
         contenders[f"merge_[{v}]"] = _with_variant(C, v, lambda: lora_ext.merge_(w, a, b, 0.5))
     rounds = [_round(contenders, calls) for _ in range(repeats)]
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    _report(f"merge_ {name} W {N}x{K} r={r} (copy floor moves {2 * N * K * w.element_size() / 2**20:.0f} MiB)", rounds,
-            "copy_ (floor)")
+    _report(
+        f"merge_ {name} W {N}x{K} r={r} (copy floor moves {2 * N * K * w.element_size() / 2**20:.0f} MiB)",
+        rounds,
+        "copy_ (floor)",
+    )
     for v in variants:
         k = f"merge_[{v}]"
         bw = [r["copy_ (floor)"] / r[k] for r in rounds]
@@ -134,8 +137,10 @@ def main(argv=None) -> None:
     skipped = [v for v in variants if not runnable.get(v, False)]
     variants = [v for v in variants if runnable.get(v, False)]
     before = C.cpu_kernel()
-    print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"threads {torch.get_num_threads()}, auto variant {before}")
+    print(
+        f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"threads {torch.get_num_threads()}, auto variant {before}"
+    )
     if skipped:
         print(f"variants this CPU cannot run (skipped): {', '.join(skipped)}")
     try:

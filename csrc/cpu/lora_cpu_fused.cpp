@@ -37,10 +37,14 @@ using cpu::Kernels;
 
 DT dt_of(at::ScalarType s) {
   switch (s) {
-    case at::kFloat: return DT::f32;
-    case at::kBFloat16: return DT::bf16;
-    case at::kHalf: return DT::f16;
-    default: TORCH_INTERNAL_ASSERT(false, "lora_ext: fused CPU kernels got dtype ", s);
+    case at::kFloat:
+      return DT::f32;
+    case at::kBFloat16:
+      return DT::bf16;
+    case at::kHalf:
+      return DT::f16;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "lora_ext: fused CPU kernels got dtype ", s);
   }
   return DT::f32;
 }

@@ -41,8 +41,8 @@ struct Kernels {
                 int64_t row0, const Drop* drop);
 
   // Z[m, j] = sum_k X[m, k] * P[j, k] for m < rows, j < r (the "shrink": x A^T or g B with P = B^T).
-  void (*shrink)(const float* X, int64_t ldx, int64_t rows, int64_t K, const float* P, int64_t ldp, int64_t r,
-                 float* Z, int64_t ldz);
+  void (*shrink)(const float* X, int64_t ldx, int64_t rows, int64_t K, const float* P, int64_t ldp, int64_t r, float* Z,
+                 int64_t ldz);
 
   // out[m, l] = base[m, l] + keep(row0 + m, l) * fl(scale * sum_j Z[m, j] * Q[j, l]) for m < rows, l < L
   // (the "expand": y += s xa B^T with Q = B^T, dx += s mask (gb A) with Q = A, merge W + s B A with

@@ -128,9 +128,12 @@ void stage_t(const void* src_, int64_t rs, int64_t cs, int64_t rows, int64_t col
 void stage(const void* src, DT dt, int64_t rs, int64_t cs, int64_t rows, int64_t cols, float* dst, int64_t ldd,
            int64_t row0, const Drop* drop) {
   switch (dt) {
-    case DT::f32: return stage_t<DT::f32>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
-    case DT::bf16: return stage_t<DT::bf16>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
-    case DT::f16: return stage_t<DT::f16>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
+    case DT::f32:
+      return stage_t<DT::f32>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
+    case DT::bf16:
+      return stage_t<DT::bf16>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
+    case DT::f16:
+      return stage_t<DT::f16>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
   }
 }
 
@@ -169,10 +172,17 @@ inline void shrink_rows(const float* X, int64_t ldx, int64_t K, const float* P, 
   int64_t j = 0;
   for (; j + 4 <= r; j += 4) shrink_blk<R, 4>(X, ldx, K, P + j * ldp, ldp, Z + j, ldz);
   switch (r - j) {
-    case 3: shrink_blk<R, 3>(X, ldx, K, P + j * ldp, ldp, Z + j, ldz); break;
-    case 2: shrink_blk<R, 2>(X, ldx, K, P + j * ldp, ldp, Z + j, ldz); break;
-    case 1: shrink_blk<R, 1>(X, ldx, K, P + j * ldp, ldp, Z + j, ldz); break;
-    default: break;
+    case 3:
+      shrink_blk<R, 3>(X, ldx, K, P + j * ldp, ldp, Z + j, ldz);
+      break;
+    case 2:
+      shrink_blk<R, 2>(X, ldx, K, P + j * ldp, ldp, Z + j, ldz);
+      break;
+    case 1:
+      shrink_blk<R, 1>(X, ldx, K, P + j * ldp, ldp, Z + j, ldz);
+      break;
+    default:
+      break;
   }
 }
 
@@ -188,9 +198,9 @@ void shrink(const float* X, int64_t ldx, int64_t rows, int64_t K, const float* P
 
 // R rows x LV vectors starting at column l; the last vector holds `nlast` valid columns.
 template <int R, int LV, DT BD, DT OD, bool MASK>
-inline void expand_blk(const float* Z, int64_t ldz, int64_t r, const float* Q, int64_t ldq, int64_t nlast,
-                       float scale, const typename IO<BD>::T* base, int64_t ldb, typename IO<OD>::T* out,
-                       int64_t ldo, uint64_t idx0, uint64_t L, const Drop* drop) {
+inline void expand_blk(const float* Z, int64_t ldz, int64_t r, const float* Q, int64_t ldq, int64_t nlast, float scale,
+                       const typename IO<BD>::T* base, int64_t ldb, typename IO<OD>::T* out, int64_t ldo, uint64_t idx0,
+                       uint64_t L, const Drop* drop) {
   reg acc[R][LV];
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < LV; ++v) acc[i][v] = V::zero();
@@ -227,20 +237,19 @@ inline void expand_blk(const float* Z, int64_t ldz, int64_t r, const float* Q, i
 
 template <int R, DT BD, DT OD, bool MASK>
 inline void expand_rows(const float* Z, int64_t ldz, int64_t r, const float* Q, int64_t ldq, int64_t l0, int64_t l1,
-                        float scale, const typename IO<BD>::T* base, int64_t ldb, typename IO<OD>::T* out,
-                        int64_t ldo, uint64_t row_idx, uint64_t L, const Drop* drop) {
+                        float scale, const typename IO<BD>::T* base, int64_t ldb, typename IO<OD>::T* out, int64_t ldo,
+                        uint64_t row_idx, uint64_t L, const Drop* drop) {
   int64_t l = l0;
   for (; l + 3 * W <= l1; l += 3 * W)
-    expand_blk<R, 3, BD, OD, MASK>(Z, ldz, r, Q + l, ldq, W, scale, base + l, ldb, out + l, ldo, row_idx + l, L,
-                                   drop);
+    expand_blk<R, 3, BD, OD, MASK>(Z, ldz, r, Q + l, ldq, W, scale, base + l, ldb, out + l, ldo, row_idx + l, L, drop);
   for (; l < l1; l += W)
-    expand_blk<R, 1, BD, OD, MASK>(Z, ldz, r, Q + l, ldq, l1 - l, scale, base + l, ldb, out + l, ldo, row_idx + l,
-                                   L, drop);
+    expand_blk<R, 1, BD, OD, MASK>(Z, ldz, r, Q + l, ldq, l1 - l, scale, base + l, ldb, out + l, ldo, row_idx + l, L,
+                                   drop);
 }
 
 template <DT BD, DT OD, bool MASK>
-void expand_t(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Q, int64_t ldq, int64_t L,
-              float scale, const void* base_, int64_t ldb, void* out_, int64_t ldo, int64_t row0, const Drop* drop) {
+void expand_t(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Q, int64_t ldq, int64_t L, float scale,
+              const void* base_, int64_t ldb, void* out_, int64_t ldo, int64_t row0, const Drop* drop) {
   const auto* base = static_cast<const typename IO<BD>::T*>(base_);
   auto* out = static_cast<typename IO<OD>::T*>(out_);
   // Columns per tile: a multiple of the 3-vector block such that the r x tile slice of Q is
@@ -290,27 +299,32 @@ void expand_base(const float* Z, int64_t ldz, int64_t rows, int64_t r, const flo
                  float scale, const void* base, int64_t ldb, void* out, DT odt, int64_t ldo, int64_t row0,
                  const Drop* drop) {
   switch (odt) {
-    case DT::f32: return expand_mask<BD, DT::f32>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
-    case DT::bf16: return expand_mask<BD, DT::bf16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
-    case DT::f16: return expand_mask<BD, DT::f16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
+    case DT::f32:
+      return expand_mask<BD, DT::f32>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
+    case DT::bf16:
+      return expand_mask<BD, DT::bf16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
+    case DT::f16:
+      return expand_mask<BD, DT::f16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
   }
 }
 
 void expand(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Q, int64_t ldq, int64_t L, float scale,
             const void* base, DT bdt, int64_t ldb, void* out, DT odt, int64_t ldo, int64_t row0, const Drop* drop) {
   switch (bdt) {
-    case DT::f32: return expand_base<DT::f32>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
+    case DT::f32:
+      return expand_base<DT::f32>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
     case DT::bf16:
       return expand_base<DT::bf16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
-    case DT::f16: return expand_base<DT::f16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
+    case DT::f16:
+      return expand_base<DT::f16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
   }
 }
 
 // ---------------------------------------------------------------- outer: acc += Z^T X
 
 template <int J, int LV>
-inline void outer_blk(const float* Z, int64_t ldz, const float* X, int64_t ldx, int64_t rows, int64_t nlast,
-                      float* acc, int64_t lda) {
+inline void outer_blk(const float* Z, int64_t ldz, const float* X, int64_t ldx, int64_t rows, int64_t nlast, float* acc,
+                      int64_t lda) {
   reg a[J][LV];
   for (int j = 0; j < J; ++j)
     for (int v = 0; v < LV; ++v) a[j][v] = load_n<DT::f32>(acc + j * lda + v * W, v == LV - 1 ? nlast : W);
@@ -352,12 +366,23 @@ void outer(const float* Z, int64_t ldz, const float* X, int64_t ldx, int64_t row
   const float* z = Z + j;
   float* a = acc + j * lda;
   switch (r - j) {
-    case 5: outer_ranks<5>(z, ldz, X, ldx, rows, L, a, lda); break;
-    case 4: outer_ranks<4>(z, ldz, X, ldx, rows, L, a, lda); break;
-    case 3: outer_ranks<3>(z, ldz, X, ldx, rows, L, a, lda); break;
-    case 2: outer_ranks<2>(z, ldz, X, ldx, rows, L, a, lda); break;
-    case 1: outer_ranks<1>(z, ldz, X, ldx, rows, L, a, lda); break;
-    default: break;
+    case 5:
+      outer_ranks<5>(z, ldz, X, ldx, rows, L, a, lda);
+      break;
+    case 4:
+      outer_ranks<4>(z, ldz, X, ldx, rows, L, a, lda);
+      break;
+    case 3:
+      outer_ranks<3>(z, ldz, X, ldx, rows, L, a, lda);
+      break;
+    case 2:
+      outer_ranks<2>(z, ldz, X, ldx, rows, L, a, lda);
+      break;
+    case 1:
+      outer_ranks<1>(z, ldz, X, ldx, rows, L, a, lda);
+      break;
+    default:
+      break;
   }
 }
 
@@ -417,17 +442,25 @@ inline void merge_blk(const float* Z, int64_t ldz, int64_t r, const float* qp, i
     const uintptr_t a1 = reinterpret_cast<uintptr_t>(p0) + uintptr_t(3 * W * bsz - 1);
     for (uintptr_t a = a0; a <= a1; a += 64) __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
   }
+  // every load of the block before its first store: rows ldb apart share their low 12 address
+  // bits, and a load behind a store to the row above would wait on a false (4K-alias) dependency
   const reg s = V::set1(scale);
   for (int i = 0; i < R; ++i) {
     for (int v = 0; v < 3; ++v) {
       const int64_t nv = FULL ? W : (n - v * W > W ? W : n - v * W);
       if (!FULL && nv <= 0) break;
-      const reg t = V::mul(s, acc[i][v]);
       const reg b = FULL ? IO<BD>::load(base + i * ldb + v * W) : load_n<BD>(base + i * ldb + v * W, nv);
+      acc[i][v] = V::add(b, V::mul(s, acc[i][v]));
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int v = 0; v < 3; ++v) {
+      const int64_t nv = FULL ? W : (n - v * W > W ? W : n - v * W);
+      if (!FULL && nv <= 0) break;
       if (FULL) {
-        IO<OD>::store(out + i * ldo + v * W, V::add(b, t));
+        IO<OD>::store(out + i * ldo + v * W, acc[i][v]);
       } else {
-        store_n<OD>(out + i * ldo + v * W, V::add(b, t), nv);
+        store_n<OD>(out + i * ldo + v * W, acc[i][v], nv);
       }
     }
   }
@@ -469,10 +502,18 @@ void merge_t(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* 
         const int64_t left = m1 - m;
         const int64_t pf = left >= 8 ? 4 : (left > 4 ? left - 4 : 0);
         switch (left >= 4 ? 4 : left) {
-          case 4: merge_rows<4, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, pf); break;
-          case 3: merge_rows<3, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0); break;
-          case 2: merge_rows<2, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0); break;
-          default: merge_rows<1, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0); break;
+          case 4:
+            merge_rows<4, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, pf);
+            break;
+          case 3:
+            merge_rows<3, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0);
+            break;
+          case 2:
+            merge_rows<2, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0);
+            break;
+          default:
+            merge_rows<1, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0);
+            break;
         }
       }
     }
@@ -483,18 +524,24 @@ template <DT BD>
 void merge_base(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Qp, int64_t L, float scale,
                 const void* base, int64_t ldb, void* out, DT odt, int64_t ldo) {
   switch (odt) {
-    case DT::f32: return merge_t<BD, DT::f32>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, ldo);
-    case DT::bf16: return merge_t<BD, DT::bf16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, ldo);
-    case DT::f16: return merge_t<BD, DT::f16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, ldo);
+    case DT::f32:
+      return merge_t<BD, DT::f32>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, ldo);
+    case DT::bf16:
+      return merge_t<BD, DT::bf16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, ldo);
+    case DT::f16:
+      return merge_t<BD, DT::f16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, ldo);
   }
 }
 
 void merge(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Qp, int64_t L, float scale,
            const void* base, DT bdt, int64_t ldb, void* out, DT odt, int64_t ldo) {
   switch (bdt) {
-    case DT::f32: return merge_base<DT::f32>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, odt, ldo);
-    case DT::bf16: return merge_base<DT::bf16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, odt, ldo);
-    case DT::f16: return merge_base<DT::f16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, odt, ldo);
+    case DT::f32:
+      return merge_base<DT::f32>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, odt, ldo);
+    case DT::bf16:
+      return merge_base<DT::bf16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, odt, ldo);
+    case DT::f16:
+      return merge_base<DT::f16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, odt, ldo);
   }
 }
 
