@@ -41,8 +41,8 @@ struct Kernels {
                 int64_t row0, const Drop* drop);
 
   // Z[m, j] = sum_k X[m, k] * P[j, k] for m < rows, j < r (the "shrink": x A^T or g B with P = B^T).
-  void (*shrink)(const float* X, int64_t ldx, int64_t rows, int64_t K, const float* P, int64_t ldp, int64_t r,
-                 float* Z, int64_t ldz);
+  void (*shrink)(const float* X, int64_t ldx, int64_t rows, int64_t K, const float* P, int64_t ldp, int64_t r, float* Z,
+                 int64_t ldz);
 
   // out[m, l] = base[m, l] + keep(row0 + m, l) * fl(scale * sum_j Z[m, j] * Q[j, l]) for m < rows, l < L
   // (the "expand": y += s xa B^T with Q = B^T, dx += s mask (gb A) with Q = A, merge W + s B A with
@@ -58,7 +58,21 @@ struct Kernels {
 
   // acc[l] += sum_m X[m, l] (grad of the bias).
   void (*colsum)(const float* X, int64_t ldx, int64_t rows, int64_t L, float* acc);
+
+  // The merge: the expand without mask (same arithmetic, same bits) on a factor packed by
+  // merge_pack. Qp = Q [r, L] (row stride ldq) in column blocks of 3 * lanes: block c holds
+  // Q[j, 3 lanes c + u] at Qp[(c r + j) 3 lanes + u], zero past L; merge_packed_size floats.
+  void (*merge_pack)(const float* Q, int64_t ldq, int64_t r, int64_t L, float* Qp);
+  // out[m, l] = base[m, l] + fl(scale * sum_j Z[m, j] * Q[j, l]) for m < rows, l < L, rounded
+  // once into odt; base and out may alias (in place: W read and written once).
+  void (*merge)(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Qp, int64_t L, float scale,
+                const void* base, DT bdt, int64_t ldb, void* out, DT odt, int64_t ldo);
 };
+
+inline int64_t merge_packed_size(const Kernels& k, int64_t r, int64_t L) {
+  const int64_t bw = 3 * int64_t(k.lanes);
+  return (L + bw - 1) / bw * bw * r;
+}
 
 const Kernels& kernels_default();
 const Kernels& kernels_avx2();

@@ -104,7 +104,7 @@ namespace lora_ext {
 namespace cpu {
 
 const Kernels& kernels_avx512() {
-  static const Kernels k{"avx512", 16, &stage, &shrink, &expand, &outer, &colsum};
+  static const Kernels k{"avx512", 16, &stage, &shrink, &expand, &outer, &colsum, &merge_pack, &merge};
   return k;
 }
 

@@ -128,9 +128,12 @@ void stage_t(const void* src_, int64_t rs, int64_t cs, int64_t rows, int64_t col
 void stage(const void* src, DT dt, int64_t rs, int64_t cs, int64_t rows, int64_t cols, float* dst, int64_t ldd,
            int64_t row0, const Drop* drop) {
   switch (dt) {
-    case DT::f32: return stage_t<DT::f32>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
-    case DT::bf16: return stage_t<DT::bf16>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
-    case DT::f16: return stage_t<DT::f16>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
+    case DT::f32:
+      return stage_t<DT::f32>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
+    case DT::bf16:
+      return stage_t<DT::bf16>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
+    case DT::f16:
+      return stage_t<DT::f16>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
   }
 }
 
@@ -169,10 +172,17 @@ inline void shrink_rows(const float* X, int64_t ldx, int64_t K, const float* P, 
   int64_t j = 0;
   for (; j + 4 <= r; j += 4) shrink_blk<R, 4>(X, ldx, K, P + j * ldp, ldp, Z + j, ldz);
   switch (r - j) {
-    case 3: shrink_blk<R, 3>(X, ldx, K, P + j * ldp, ldp, Z + j, ldz); break;
-    case 2: shrink_blk<R, 2>(X, ldx, K, P + j * ldp, ldp, Z + j, ldz); break;
-    case 1: shrink_blk<R, 1>(X, ldx, K, P + j * ldp, ldp, Z + j, ldz); break;
-    default: break;
+    case 3:
+      shrink_blk<R, 3>(X, ldx, K, P + j * ldp, ldp, Z + j, ldz);
+      break;
+    case 2:
+      shrink_blk<R, 2>(X, ldx, K, P + j * ldp, ldp, Z + j, ldz);
+      break;
+    case 1:
+      shrink_blk<R, 1>(X, ldx, K, P + j * ldp, ldp, Z + j, ldz);
+      break;
+    default:
+      break;
   }
 }
 
@@ -188,9 +198,9 @@ void shrink(const float* X, int64_t ldx, int64_t rows, int64_t K, const float* P
 
 // R rows x LV vectors starting at column l; the last vector holds `nlast` valid columns.
 template <int R, int LV, DT BD, DT OD, bool MASK>
-inline void expand_blk(const float* Z, int64_t ldz, int64_t r, const float* Q, int64_t ldq, int64_t nlast,
-                       float scale, const typename IO<BD>::T* base, int64_t ldb, typename IO<OD>::T* out,
-                       int64_t ldo, uint64_t idx0, uint64_t L, const Drop* drop) {
+inline void expand_blk(const float* Z, int64_t ldz, int64_t r, const float* Q, int64_t ldq, int64_t nlast, float scale,
+                       const typename IO<BD>::T* base, int64_t ldb, typename IO<OD>::T* out, int64_t ldo, uint64_t idx0,
+                       uint64_t L, const Drop* drop) {
   reg acc[R][LV];
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < LV; ++v) acc[i][v] = V::zero();
@@ -227,20 +237,19 @@ inline void expand_blk(const float* Z, int64_t ldz, int64_t r, const float* Q, i
 
 template <int R, DT BD, DT OD, bool MASK>
 inline void expand_rows(const float* Z, int64_t ldz, int64_t r, const float* Q, int64_t ldq, int64_t l0, int64_t l1,
-                        float scale, const typename IO<BD>::T* base, int64_t ldb, typename IO<OD>::T* out,
-                        int64_t ldo, uint64_t row_idx, uint64_t L, const Drop* drop) {
+                        float scale, const typename IO<BD>::T* base, int64_t ldb, typename IO<OD>::T* out, int64_t ldo,
+                        uint64_t row_idx, uint64_t L, const Drop* drop) {
   int64_t l = l0;
   for (; l + 3 * W <= l1; l += 3 * W)
-    expand_blk<R, 3, BD, OD, MASK>(Z, ldz, r, Q + l, ldq, W, scale, base + l, ldb, out + l, ldo, row_idx + l, L,
-                                   drop);
+    expand_blk<R, 3, BD, OD, MASK>(Z, ldz, r, Q + l, ldq, W, scale, base + l, ldb, out + l, ldo, row_idx + l, L, drop);
   for (; l < l1; l += W)
-    expand_blk<R, 1, BD, OD, MASK>(Z, ldz, r, Q + l, ldq, l1 - l, scale, base + l, ldb, out + l, ldo, row_idx + l,
-                                   L, drop);
+    expand_blk<R, 1, BD, OD, MASK>(Z, ldz, r, Q + l, ldq, l1 - l, scale, base + l, ldb, out + l, ldo, row_idx + l, L,
+                                   drop);
 }
 
 template <DT BD, DT OD, bool MASK>
-void expand_t(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Q, int64_t ldq, int64_t L,
-              float scale, const void* base_, int64_t ldb, void* out_, int64_t ldo, int64_t row0, const Drop* drop) {
+void expand_t(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Q, int64_t ldq, int64_t L, float scale,
+              const void* base_, int64_t ldb, void* out_, int64_t ldo, int64_t row0, const Drop* drop) {
   const auto* base = static_cast<const typename IO<BD>::T*>(base_);
   auto* out = static_cast<typename IO<OD>::T*>(out_);
   // Columns per tile: a multiple of the 3-vector block such that the r x tile slice of Q is
@@ -290,27 +299,32 @@ void expand_base(const float* Z, int64_t ldz, int64_t rows, int64_t r, const flo
                  float scale, const void* base, int64_t ldb, void* out, DT odt, int64_t ldo, int64_t row0,
                  const Drop* drop) {
   switch (odt) {
-    case DT::f32: return expand_mask<BD, DT::f32>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
-    case DT::bf16: return expand_mask<BD, DT::bf16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
-    case DT::f16: return expand_mask<BD, DT::f16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
+    case DT::f32:
+      return expand_mask<BD, DT::f32>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
+    case DT::bf16:
+      return expand_mask<BD, DT::bf16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
+    case DT::f16:
+      return expand_mask<BD, DT::f16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
   }
 }
 
 void expand(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Q, int64_t ldq, int64_t L, float scale,
             const void* base, DT bdt, int64_t ldb, void* out, DT odt, int64_t ldo, int64_t row0, const Drop* drop) {
   switch (bdt) {
-    case DT::f32: return expand_base<DT::f32>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
+    case DT::f32:
+      return expand_base<DT::f32>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
     case DT::bf16:
       return expand_base<DT::bf16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
-    case DT::f16: return expand_base<DT::f16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
+    case DT::f16:
+      return expand_base<DT::f16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
   }
 }
 
 // ---------------------------------------------------------------- outer: acc += Z^T X
 
 template <int J, int LV>
-inline void outer_blk(const float* Z, int64_t ldz, const float* X, int64_t ldx, int64_t rows, int64_t nlast,
-                      float* acc, int64_t lda) {
+inline void outer_blk(const float* Z, int64_t ldz, const float* X, int64_t ldx, int64_t rows, int64_t nlast, float* acc,
+                      int64_t lda) {
   reg a[J][LV];
   for (int j = 0; j < J; ++j)
     for (int v = 0; v < LV; ++v) a[j][v] = load_n<DT::f32>(acc + j * lda + v * W, v == LV - 1 ? nlast : W);
@@ -352,12 +366,23 @@ void outer(const float* Z, int64_t ldz, const float* X, int64_t ldx, int64_t row
   const float* z = Z + j;
   float* a = acc + j * lda;
   switch (r - j) {
-    case 5: outer_ranks<5>(z, ldz, X, ldx, rows, L, a, lda); break;
-    case 4: outer_ranks<4>(z, ldz, X, ldx, rows, L, a, lda); break;
-    case 3: outer_ranks<3>(z, ldz, X, ldx, rows, L, a, lda); break;
-    case 2: outer_ranks<2>(z, ldz, X, ldx, rows, L, a, lda); break;
-    case 1: outer_ranks<1>(z, ldz, X, ldx, rows, L, a, lda); break;
-    default: break;
+    case 5:
+      outer_ranks<5>(z, ldz, X, ldx, rows, L, a, lda);
+      break;
+    case 4:
+      outer_ranks<4>(z, ldz, X, ldx, rows, L, a, lda);
+      break;
+    case 3:
+      outer_ranks<3>(z, ldz, X, ldx, rows, L, a, lda);
+      break;
+    case 2:
+      outer_ranks<2>(z, ldz, X, ldx, rows, L, a, lda);
+      break;
+    case 1:
+      outer_ranks<1>(z, ldz, X, ldx, rows, L, a, lda);
+      break;
+    default:
+      break;
   }
 }
 
@@ -377,5 +402,159 @@ void colsum(const float* X, int64_t ldx, int64_t rows, int64_t L, float* acc) {
     reg a = load_n<DT::f32>(acc + l, n);
     for (int64_t m = 0; m < rows; ++m) a = V::add(a, load_n<DT::f32>(X + m * ldx + l, n));
     store_n<DT::f32>(acc + l, a, n);
+  }
+}
+
+// ---------------------------------------------------------------- merge: out = base + fl(s * Z Q)
+//
+// The expand's arithmetic (every element: a chain of FMAs over j = 0 .. r-1 from zero, times s,
+// plus base, rounded once into odt), with the [r, L] factor Q packed first by column blocks of
+// 3W: block c holds Q[j, 3Wc + u] at Qp[(c r + j) 3W + u], zero past L. A block's r x 3W slice
+// is then contiguous (the unpacked rows of Q sit L floats apart: at L = 4096 every one of them
+// falls in the same L1 set). The rows go in blocks of kMergeRows; each row block walks column
+// tiles whose packed panel is about 16 KiB (stays in L1 while the block's rows use it), 4 rows
+// x 3 vectors at a time, prefetching the next 4 rows of the same columns. W is read and
+// written once; no temporary besides the packed Q.
+
+constexpr int64_t kMergeRows = 64;
+constexpr int64_t kMergePanel = 4096;  // fp32 elements of packed Q per column tile
+
+template <int R, bool FULL, DT BD, DT OD>
+inline void merge_blk(const float* Z, int64_t ldz, int64_t r, const float* qp, int64_t n, float scale,
+                      const typename IO<BD>::T* base, int64_t ldb, typename IO<OD>::T* out, int64_t ldo,
+                      int64_t pf_rows) {
+  reg acc[R][3];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < 3; ++v) acc[i][v] = V::zero();
+  for (int64_t j = 0; j < r; ++j) {
+    reg q[3];
+    for (int v = 0; v < 3; ++v) q[v] = V::load(qp + j * 3 * W + v * W);
+    for (int i = 0; i < R; ++i) {
+      const reg z = V::set1(Z[i * ldz + j]);
+      for (int v = 0; v < 3; ++v) acc[i][v] = V::fma(z, q[v], acc[i][v]);
+    }
+  }
+  // the same columns of the next rows (their lines, first to last byte)
+  constexpr int64_t bsz = sizeof(typename IO<BD>::T);
+  for (int64_t i = 0; i < pf_rows; ++i) {
+    const char* p0 = reinterpret_cast<const char*>(base + (R + i) * ldb);
+    const uintptr_t a0 = reinterpret_cast<uintptr_t>(p0) & ~uintptr_t(63);
+    const uintptr_t a1 = reinterpret_cast<uintptr_t>(p0) + uintptr_t(3 * W * bsz - 1);
+    for (uintptr_t a = a0; a <= a1; a += 64) __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
+  }
+  // every load of the block before its first store: rows ldb apart share their low 12 address
+  // bits, and a load behind a store to the row above would wait on a false (4K-alias) dependency
+  const reg s = V::set1(scale);
+  for (int i = 0; i < R; ++i) {
+    for (int v = 0; v < 3; ++v) {
+      const int64_t nv = FULL ? W : (n - v * W > W ? W : n - v * W);
+      if (!FULL && nv <= 0) break;
+      const reg b = FULL ? IO<BD>::load(base + i * ldb + v * W) : load_n<BD>(base + i * ldb + v * W, nv);
+      acc[i][v] = V::add(b, V::mul(s, acc[i][v]));
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int v = 0; v < 3; ++v) {
+      const int64_t nv = FULL ? W : (n - v * W > W ? W : n - v * W);
+      if (!FULL && nv <= 0) break;
+      if (FULL) {
+        IO<OD>::store(out + i * ldo + v * W, acc[i][v]);
+      } else {
+        store_n<OD>(out + i * ldo + v * W, acc[i][v], nv);
+      }
+    }
+  }
+}
+
+template <int R, DT BD, DT OD>
+inline void merge_rows(const float* Z, int64_t ldz, int64_t r, const float* Qp, int64_t c0, int64_t c1, int64_t L,
+                       float scale, const typename IO<BD>::T* base, int64_t ldb, typename IO<OD>::T* out, int64_t ldo,
+                       int64_t pf_rows) {
+  constexpr int64_t BW = 3 * W;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t l = c * BW;
+    const float* qp = Qp + c * r * BW;
+    if (l + BW <= L) {
+      merge_blk<R, true, BD, OD>(Z, ldz, r, qp, BW, scale, base + l, ldb, out + l, ldo, pf_rows);
+    } else {
+      merge_blk<R, false, BD, OD>(Z, ldz, r, qp, L - l, scale, base + l, ldb, out + l, ldo, 0);
+    }
+  }
+}
+
+template <DT BD, DT OD>
+void merge_t(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Qp, int64_t L, float scale,
+             const void* base_, int64_t ldb, void* out_, int64_t ldo) {
+  const auto* base = static_cast<const typename IO<BD>::T*>(base_);
+  auto* out = static_cast<typename IO<OD>::T*>(out_);
+  constexpr int64_t BW = 3 * W;
+  const int64_t nblk = (L + BW - 1) / BW;
+  int64_t tile = kMergePanel / (r * BW);  // column blocks per tile
+  if (tile < 1) tile = 1;
+  for (int64_t m0 = 0; m0 < rows; m0 += kMergeRows) {
+    const int64_t m1 = m0 + kMergeRows < rows ? m0 + kMergeRows : rows;
+    for (int64_t c0 = 0; c0 < nblk; c0 += tile) {
+      const int64_t c1 = c0 + tile < nblk ? c0 + tile : nblk;
+      for (int64_t m = m0; m < m1; m += 4) {
+        const float* z = Z + m * ldz;
+        const auto* b = base + m * ldb;
+        auto* o = out + m * ldo;
+        const int64_t left = m1 - m;
+        const int64_t pf = left >= 8 ? 4 : (left > 4 ? left - 4 : 0);
+        switch (left >= 4 ? 4 : left) {
+          case 4:
+            merge_rows<4, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, pf);
+            break;
+          case 3:
+            merge_rows<3, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0);
+            break;
+          case 2:
+            merge_rows<2, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0);
+            break;
+          default:
+            merge_rows<1, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0);
+            break;
+        }
+      }
+    }
+  }
+}
+
+template <DT BD>
+void merge_base(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Qp, int64_t L, float scale,
+                const void* base, int64_t ldb, void* out, DT odt, int64_t ldo) {
+  switch (odt) {
+    case DT::f32:
+      return merge_t<BD, DT::f32>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, ldo);
+    case DT::bf16:
+      return merge_t<BD, DT::bf16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, ldo);
+    case DT::f16:
+      return merge_t<BD, DT::f16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, ldo);
+  }
+}
+
+void merge(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Qp, int64_t L, float scale,
+           const void* base, DT bdt, int64_t ldb, void* out, DT odt, int64_t ldo) {
+  switch (bdt) {
+    case DT::f32:
+      return merge_base<DT::f32>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, odt, ldo);
+    case DT::bf16:
+      return merge_base<DT::bf16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, odt, ldo);
+    case DT::f16:
+      return merge_base<DT::f16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, odt, ldo);
+  }
+}
+
+// Qp = Q [r, L] (row stride ldq) packed by column blocks of 3W (see merge), zero padded.
+void merge_pack(const float* Q, int64_t ldq, int64_t r, int64_t L, float* Qp) {
+  constexpr int64_t BW = 3 * W;
+  const int64_t nblk = (L + BW - 1) / BW;
+  for (int64_t c = 0; c < nblk; ++c) {
+    const int64_t l = c * BW, n = L - l < BW ? L - l : BW;
+    for (int64_t j = 0; j < r; ++j) {
+      float* d = Qp + (c * r + j) * BW;
+      std::memcpy(d, Q + j * ldq + l, size_t(n) * sizeof(float));
+      if (n < BW) std::memset(d + n, 0, size_t(BW - n) * sizeof(float));
+    }
   }
 }
