@@ -24,7 +24,10 @@
 
 namespace lora_ext {
 
-LORA_HD uint32_t dropout_hash32(uint32_t v) {
+// The 32-bit mixer; T is uint32_t, or a vector of them whose operators act lane by lane
+// (the portable CPU kernel's GCC vector type), so every path computes the same bits.
+template <class T>
+LORA_HD T dropout_hash32(T v) {
   v ^= v >> 16;
   v *= 0x7feb352dU;
   v ^= v >> 15;

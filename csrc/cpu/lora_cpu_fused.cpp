@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "../dropout_hash.h"
+#include "../host/common.h"
 #include "../host/strategy.h"
 #include "kernels/lowrank.h"
 
@@ -36,17 +37,9 @@ using cpu::DT;
 using cpu::Kernels;
 
 DT dt_of(at::ScalarType s) {
-  switch (s) {
-    case at::kFloat:
-      return DT::f32;
-    case at::kBFloat16:
-      return DT::bf16;
-    case at::kHalf:
-      return DT::f16;
-    default:
-      TORCH_INTERNAL_ASSERT(false, "lora_ext: fused CPU kernels got dtype ", s);
-  }
-  return DT::f32;
+  const DT d = kernel_dtype(s);
+  TORCH_INTERNAL_ASSERT(d != DT::kFloat64, "lora_ext: the fused CPU kernels take fp32, bf16 and fp16");
+  return d;
 }
 
 // A 2-D view: element (i, k) at p + (i * rs + k * cs) * element size.
@@ -144,7 +137,7 @@ Tensor merged_fp32(const Kernels& kr, const Tensor& weight, const Tensor& A32, c
 void lowrank_forward(const Kernels& kr, const View& x, int64_t M, int64_t K, int64_t row0, const float* A, int64_t r,
                      const float* BT, int64_t N, float scale, const Drop* drop, const float* base, int64_t ldb,
                      void* out, DT odt, int64_t ldo) {
-  const bool direct = x.dt == DT::f32 && x.cs == 1 && drop == nullptr;
+  const bool direct = x.dt == DT::kFloat32 && x.cs == 1 && drop == nullptr;
   const int64_t step = step_rows(K);
   const int64_t nsteps = (M + step - 1) / step;
   const int64_t osz = cpu::dt_size(odt);
@@ -159,7 +152,7 @@ void lowrank_forward(const Kernels& kr, const View& x, int64_t M, int64_t K, int
         X = xbuf.data(), ldx = K;
       }
       kr.shrink(X, ldx, mc, K, A, K, r, xa.data(), r);
-      kr.expand(xa.data(), r, mc, r, BT, N, N, scale, base + m0 * ldb, DT::f32, ldb,
+      kr.expand(xa.data(), r, mc, r, BT, N, N, scale, base + m0 * ldb, DT::kFloat32, ldb,
                 static_cast<char*>(out) + m0 * ldo * osz, odt, ldo, 0, nullptr);
     }
   });
@@ -176,7 +169,7 @@ struct BackwardPass {
   const float* dx_base = nullptr;
   int64_t dx_ldb = 0;
   void* dx_out = nullptr;
-  DT dx_dt = DT::f32;
+  DT dx_dt = DT::kFloat32;
   int64_t dx_ldo = 0;
   float dx_scale = 0.0f;
   // accumulators, added to: dA [r, K], dB^T [r, N], dbias [N]
@@ -192,8 +185,8 @@ void lowrank_backward(const Kernels& kr, const BackwardPass& a) {
   if (M == 0 || !a.any()) return;
   const bool want_x = a.need_a || a.need_b;
   const bool want_gb = a.need_a || a.dx_out != nullptr;
-  const bool x_direct = a.x.dt == DT::f32 && a.x.cs == 1 && a.drop == nullptr;
-  const bool g_direct = a.g.dt == DT::f32 && a.g.cs == 1;
+  const bool x_direct = a.x.dt == DT::kFloat32 && a.x.cs == 1 && a.drop == nullptr;
+  const bool g_direct = a.g.dt == DT::kFloat32 && a.g.cs == 1;
   const int64_t step = step_rows(std::max(K, N));
   const int64_t nsteps = (M + step - 1) / step;
   const int64_t nblk = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nsteps));
@@ -226,7 +219,7 @@ void lowrank_backward(const Kernels& kr, const BackwardPass& a) {
         if (a.need_a) kr.outer(gb.data(), r, X, ldx, mc, r, K, pa.data() + b * r * K, K);
         if (a.need_bias) kr.colsum(G, ldg, mc, N, pbias.data() + b * N);
         if (a.dx_out) {
-          kr.expand(gb.data(), r, mc, r, a.A, K, K, a.dx_scale, a.dx_base + m0 * a.dx_ldb, DT::f32, a.dx_ldb,
+          kr.expand(gb.data(), r, mc, r, a.A, K, K, a.dx_scale, a.dx_base + m0 * a.dx_ldb, DT::kFloat32, a.dx_ldb,
                     static_cast<char*>(a.dx_out) + m0 * a.dx_ldo * dx_osz, a.dx_dt, a.dx_ldo, a.row0 + m0, a.drop);
         }
       }
@@ -282,7 +275,7 @@ Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::o
     }
     if (!branch) return y;
     lowrank_forward(kr, view_of(x), M, K, 0, A32.data_ptr<float>(), r, BT32.data_ptr<float>(), N, branch_scale,
-                    drop.ptr(), y.data_ptr<float>(), N, y.data_ptr(), DT::f32, N);
+                    drop.ptr(), y.data_ptr<float>(), N, y.data_ptr(), DT::kFloat32, N);
     return y;
   }
 
@@ -356,7 +349,7 @@ GradTuple lora_linear_backward_cpu_fused(const Tensor& grad_out, const Tensor& x
     pass.g = view_of(grad_out), pass.x = view_of(x), pass.M = M, pass.row0 = 0;
     if (lora_x_term && M > 0) {
       pass.dx_base = grad_x.data_ptr<float>(), pass.dx_ldb = K;
-      pass.dx_out = grad_x.data_ptr(), pass.dx_dt = DT::f32, pass.dx_ldo = K;
+      pass.dx_out = grad_x.data_ptr(), pass.dx_dt = DT::kFloat32, pass.dx_ldo = K;
     }
     lowrank_backward(kr, pass);
   } else if (need_x || need_w) {

@@ -246,15 +246,8 @@ void dequant_flat(const uint8_t* packed, const float* scales, int shift, int64_t
 }
 
 // W (or rows [row0, row0 + rows) of it) as `dtype`, rounded once from fp32 (bitsandbytes' dequantization).
-Tensor nf4_dequantize_cpu(const Tensor& packed, const Tensor& absmax, const std::optional<Tensor>& nested_absmax,
-                          const std::optional<Tensor>& nested_code, double offset, int64_t blocksize,
-                          int64_t nested_blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
-  check_cpu(packed, "packed");
-  check_nf4_shape(shape);
-  const NF4Params w =
-      nf4_params(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape[0], shape[1]);
-  check_nf4_storage(w);
-  check_nf4_out_dtype(dtype);
+Tensor nf4_dequantize_cpu(const NF4Params& w, at::IntArrayRef shape, at::ScalarType dtype) {
+  const Tensor& packed = w.packed;
   const Tensor scales = resolve_absmax(w);
   const Tensor p = packed.contiguous();
   Tensor out = at::empty(shape, packed.options().dtype(dtype));
@@ -400,7 +393,7 @@ NF4GradTuple lora_linear_nf4_backward_impl(const Tensor& grad_out, const Tensor&
 TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
   m.impl("nf4_quantize", &nf4_quantize_cpu);
   m.impl("blockwise_quantize_8bit", &blockwise_quantize_8bit_cpu);
-  m.impl("nf4_dequantize", &nf4_dequantize_cpu);
+  m.impl("nf4_dequantize", &nf4_dequantize_entry<c10::DeviceType::CPU, &nf4_dequantize_cpu>);
   m.impl("lora_linear_nf4", &lora_linear_nf4_entry<c10::DeviceType::CPU, &lora_linear_nf4_forward>);
   m.impl("lora_linear_nf4_backward",
          &lora_linear_nf4_backward_entry<c10::DeviceType::CPU, &lora_linear_nf4_backward_impl>);

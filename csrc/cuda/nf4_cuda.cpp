@@ -59,15 +59,7 @@ Tensor dequantize(const NF4Params& w, at::ScalarType dtype) {
   return out;
 }
 
-Tensor nf4_dequantize_cuda(const Tensor& packed, const Tensor& absmax, const std::optional<Tensor>& nested_absmax,
-                           const std::optional<Tensor>& nested_code, double offset, int64_t blocksize,
-                           int64_t nested_blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
-  check_cuda(packed, "packed");
-  check_nf4_shape(shape);
-  const NF4Params w =
-      nf4_params(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape[0], shape[1]);
-  check_nf4_storage(w);
-  check_nf4_out_dtype(dtype);
+Tensor nf4_dequantize_cuda(const NF4Params& w, at::IntArrayRef shape, at::ScalarType dtype) {
   return dequantize(w, dtype);
 }
 
@@ -92,7 +84,7 @@ NF4GradTuple lora_linear_nf4_backward_cuda(const Tensor& grad_out, const Tensor&
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
-  m.impl("nf4_dequantize", &nf4_dequantize_cuda);
+  m.impl("nf4_dequantize", &nf4_dequantize_entry<c10::DeviceType::CUDA, &nf4_dequantize_cuda>);
   m.impl("lora_linear_nf4", &lora_linear_nf4_entry<c10::DeviceType::CUDA, &lora_linear_nf4_forward_cuda>);
   m.impl("lora_linear_nf4_backward",
          &lora_linear_nf4_backward_entry<c10::DeviceType::CUDA, &lora_linear_nf4_backward_cuda>);

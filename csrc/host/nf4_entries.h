@@ -1,4 +1,4 @@
-// The checked entries of the NF4 LoRA ops, one template for every device: check the
+// The checked entries of the NF4 dequantize and LoRA ops, one template for every device: check the
 // device of x, gather the storage arguments into NF4Params once, validate once, then
 // call the device's unchecked implementation. Each backend registers
 //   lora_linear_nf4_entry<Device, &its_forward> and lora_linear_nf4_backward_entry<Device, &its_backward>
@@ -18,6 +18,21 @@
 #include "nf4_params.h"
 
 namespace lora_ext {
+
+// nf4_dequantize: Dequantize(const NF4Params&, shape, dtype) after the checks.
+template <c10::DeviceType Device, auto Dequantize>
+at::Tensor nf4_dequantize_entry(const at::Tensor& packed, const at::Tensor& absmax,
+                                const std::optional<at::Tensor>& nested_absmax,
+                                const std::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
+                                int64_t nested_blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
+  check_device(packed, Device, "packed");
+  check_nf4_shape(shape);
+  const NF4Params w =
+      nf4_params(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape[0], shape[1]);
+  check_nf4_storage(w);
+  check_nf4_out_dtype(dtype);
+  return Dequantize(w, shape, dtype);
+}
 
 template <c10::DeviceType Device, auto Forward>
 at::Tensor lora_linear_nf4_entry(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,

@@ -45,11 +45,16 @@ bool has_avx512() {
 
 const char* variant_name(int v) {
   switch (v) {
-    case kAten: return "aten";
-    case kDefault: return "default";
-    case kAvx2: return "avx2";
-    case kAvx512: return "avx512";
-    default: return "unresolved";
+    case kAten:
+      return "aten";
+    case kDefault:
+      return "default";
+    case kAvx2:
+      return "avx2";
+    case kAvx512:
+      return "avx512";
+    default:
+      return "unresolved";
   }
 }
 
@@ -66,10 +71,14 @@ int parse(const std::string& name) {
 bool runnable(int v) {
   switch (v) {
     case kAten:
-    case kDefault: return true;
-    case kAvx2: return has_avx2();
-    case kAvx512: return has_avx512();
-    default: return false;
+    case kDefault:
+      return true;
+    case kAvx2:
+      return has_avx2();
+    case kAvx512:
+      return has_avx512();
+    default:
+      return false;
   }
 }
 
@@ -82,13 +91,15 @@ int resolve_auto() {
 
 int checked(int v, const std::string& name, const char* source) {
   TORCH_CHECK_VALUE(v != -2, "lora_ext: unknown CPU kernel variant '", name, "' (", source,
-              "); expected auto, default, avx2, avx512 or aten");
+                    "); expected auto, default, avx2, avx512 or aten");
   if (v == kUnresolved) return resolve_auto();
   TORCH_CHECK_VALUE(runnable(v), "lora_ext: CPU kernel variant '", name, "' (", source,
-              ") needs instructions this CPU lacks (",
-              v == kAvx512 ? "AVX-512 F/BW/VL/DQ, FMA, F16C" : "AVX2, FMA, F16C",
-              "); available: ", has_avx512() ? "default, avx2, avx512" : has_avx2() ? "default, avx2" : "default",
-              ", aten");
+                    ") needs instructions this CPU lacks (",
+                    v == kAvx512 ? "AVX-512 F/BW/VL/DQ, FMA, F16C" : "AVX2, FMA, F16C", "); available: ",
+                    has_avx512() ? "default, avx2, avx512"
+                    : has_avx2() ? "default, avx2"
+                                 : "default",
+                    ", aten");
   return v;
 }
 
@@ -113,10 +124,14 @@ int current() {
 
 const Kernels* active_kernels() {
   switch (current()) {
-    case kDefault: return &kernels_default();
-    case kAvx2: return &kernels_avx2();
-    case kAvx512: return &kernels_avx512();
-    default: return nullptr;
+    case kDefault:
+      return &kernels_default();
+    case kAvx2:
+      return &kernels_avx2();
+    case kAvx512:
+      return &kernels_avx512();
+    default:
+      return nullptr;
   }
 }
 

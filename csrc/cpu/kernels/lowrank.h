@@ -18,12 +18,14 @@
 #include <cstdint>
 #include <string>
 
+#include "../../host/dtype.h"
+
 namespace lora_ext {
 namespace cpu {
 
-enum class DT : int { f32 = 0, bf16 = 1, f16 = 2 };
+using DT = DType;  // the one kernel dtype enum (csrc/host/dtype.h); these kernels take fp32, bf16 and fp16
 
-inline int64_t dt_size(DT d) { return d == DT::f32 ? 4 : 2; }
+inline int64_t dt_size(DT d) { return d == DT::kFloat32 ? 4 : 2; }
 
 struct Drop {
   uint64_t seed = 0;

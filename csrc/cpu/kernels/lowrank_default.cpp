@@ -77,14 +77,7 @@ struct V {
   static void store_f16(uint16_t* p, reg v) {
     for (int l = 0; l < W; ++l) p[l] = f_to_f16(v[l]);
   }
-  static vu8 hash32(vu8 v) {
-    v ^= v >> 16;
-    v *= 0x7feb352dU;
-    v ^= v >> 15;
-    v *= 0x846ca68bU;
-    v ^= v >> 16;
-    return v;
-  }
+  static vu8 hash32(vu8 v) { return lora_ext::dropout_hash32(v); }
   static reg keep(uint32_t lo0, uint32_t inner, uint32_t threshold) {
     const vu8 idx = vu8{0, 1, 2, 3, 4, 5, 6, 7} + lo0;
     const vu8 h = hash32(idx ^ inner);

@@ -29,7 +29,7 @@ constexpr int W = V::W;
 template <DT D>
 struct IO;
 template <>
-struct IO<DT::f32> {
+struct IO<DT::kFloat32> {
   using T = float;
   static reg load(const T* p) { return V::load(p); }
   static void store(T* p, reg v) { V::store(p, v); }
@@ -37,7 +37,7 @@ struct IO<DT::f32> {
   static T from_f(float x) { return x; }
 };
 template <>
-struct IO<DT::bf16> {
+struct IO<DT::kBFloat16> {
   using T = uint16_t;
   static reg load(const T* p) { return V::load_bf16(p); }
   static void store(T* p, reg v) { V::store_bf16(p, v); }
@@ -45,7 +45,7 @@ struct IO<DT::bf16> {
   static T from_f(float x) { return V::f_to_bf16(x); }
 };
 template <>
-struct IO<DT::f16> {
+struct IO<DT::kFloat16> {
   using T = uint16_t;
   static reg load(const T* p) { return V::load_f16(p); }
   static void store(T* p, reg v) { V::store_f16(p, v); }
@@ -113,7 +113,7 @@ void stage_t(const void* src_, int64_t rs, int64_t cs, int64_t rows, int64_t col
         const int64_t n = cols - k;
         reg v = load_n<D>(s + k, n);
         if (drop) v = V::and_(v, keep_mask(*drop, base + uint64_t(k)));
-        store_n<DT::f32>(o + k, v, n);
+        store_n<DT::kFloat32>(o + k, v, n);
       }
     } else {
       for (int64_t k = 0; k < cols; ++k) {
@@ -128,12 +128,12 @@ void stage_t(const void* src_, int64_t rs, int64_t cs, int64_t rows, int64_t col
 void stage(const void* src, DT dt, int64_t rs, int64_t cs, int64_t rows, int64_t cols, float* dst, int64_t ldd,
            int64_t row0, const Drop* drop) {
   switch (dt) {
-    case DT::f32:
-      return stage_t<DT::f32>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
-    case DT::bf16:
-      return stage_t<DT::bf16>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
-    case DT::f16:
-      return stage_t<DT::f16>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
+    case DT::kFloat32:
+      return stage_t<DT::kFloat32>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
+    case DT::kBFloat16:
+      return stage_t<DT::kBFloat16>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
+    case DT::kFloat16:
+      return stage_t<DT::kFloat16>(src, rs, cs, rows, cols, dst, ldd, row0, drop);
   }
 }
 
@@ -156,9 +156,9 @@ inline void shrink_blk(const float* X, int64_t ldx, int64_t K, const float* P, i
   if (k < K) {
     const int64_t n = K - k;
     reg xv[R];
-    for (int i = 0; i < R; ++i) xv[i] = load_part<DT::f32>(X + i * ldx + k, n);
+    for (int i = 0; i < R; ++i) xv[i] = load_part<DT::kFloat32>(X + i * ldx + k, n);
     for (int j = 0; j < J; ++j) {
-      const reg p = load_part<DT::f32>(P + j * ldp + k, n);
+      const reg p = load_part<DT::kFloat32>(P + j * ldp + k, n);
       for (int i = 0; i < R; ++i) acc[i][j] = V::fma(xv[i], p, acc[i][j]);
     }
   }
@@ -216,7 +216,7 @@ inline void expand_blk(const float* Z, int64_t ldz, int64_t r, const float* Q, i
   } else {
     for (int64_t j = 0; j < r; ++j) {
       reg q[LV];
-      for (int v = 0; v < LV; ++v) q[v] = load_n<DT::f32>(Q + j * ldq + v * W, v == LV - 1 ? nlast : W);
+      for (int v = 0; v < LV; ++v) q[v] = load_n<DT::kFloat32>(Q + j * ldq + v * W, v == LV - 1 ? nlast : W);
       for (int i = 0; i < R; ++i) {
         const reg z = V::set1(Z[i * ldz + j]);
         for (int v = 0; v < LV; ++v) acc[i][v] = V::fma(z, q[v], acc[i][v]);
@@ -299,24 +299,24 @@ void expand_base(const float* Z, int64_t ldz, int64_t rows, int64_t r, const flo
                  float scale, const void* base, int64_t ldb, void* out, DT odt, int64_t ldo, int64_t row0,
                  const Drop* drop) {
   switch (odt) {
-    case DT::f32:
-      return expand_mask<BD, DT::f32>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
-    case DT::bf16:
-      return expand_mask<BD, DT::bf16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
-    case DT::f16:
-      return expand_mask<BD, DT::f16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
+    case DT::kFloat32:
+      return expand_mask<BD, DT::kFloat32>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
+    case DT::kBFloat16:
+      return expand_mask<BD, DT::kBFloat16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
+    case DT::kFloat16:
+      return expand_mask<BD, DT::kFloat16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, ldo, row0, drop);
   }
 }
 
 void expand(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Q, int64_t ldq, int64_t L, float scale,
             const void* base, DT bdt, int64_t ldb, void* out, DT odt, int64_t ldo, int64_t row0, const Drop* drop) {
   switch (bdt) {
-    case DT::f32:
-      return expand_base<DT::f32>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
-    case DT::bf16:
-      return expand_base<DT::bf16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
-    case DT::f16:
-      return expand_base<DT::f16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
+    case DT::kFloat32:
+      return expand_base<DT::kFloat32>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
+    case DT::kBFloat16:
+      return expand_base<DT::kBFloat16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
+    case DT::kFloat16:
+      return expand_base<DT::kFloat16>(Z, ldz, rows, r, Q, ldq, L, scale, base, ldb, out, odt, ldo, row0, drop);
   }
 }
 
@@ -327,7 +327,7 @@ inline void outer_blk(const float* Z, int64_t ldz, const float* X, int64_t ldx, 
                       int64_t lda) {
   reg a[J][LV];
   for (int j = 0; j < J; ++j)
-    for (int v = 0; v < LV; ++v) a[j][v] = load_n<DT::f32>(acc + j * lda + v * W, v == LV - 1 ? nlast : W);
+    for (int v = 0; v < LV; ++v) a[j][v] = load_n<DT::kFloat32>(acc + j * lda + v * W, v == LV - 1 ? nlast : W);
   if (nlast >= W) {
     for (int64_t m = 0; m < rows; ++m) {
       reg x[LV];
@@ -340,7 +340,7 @@ inline void outer_blk(const float* Z, int64_t ldz, const float* X, int64_t ldx, 
   } else {
     for (int64_t m = 0; m < rows; ++m) {
       reg x[LV];
-      for (int v = 0; v < LV; ++v) x[v] = load_n<DT::f32>(X + m * ldx + v * W, v == LV - 1 ? nlast : W);
+      for (int v = 0; v < LV; ++v) x[v] = load_n<DT::kFloat32>(X + m * ldx + v * W, v == LV - 1 ? nlast : W);
       for (int j = 0; j < J; ++j) {
         const reg z = V::set1(Z[m * ldz + j]);
         for (int v = 0; v < LV; ++v) a[j][v] = V::fma(z, x[v], a[j][v]);
@@ -348,7 +348,7 @@ inline void outer_blk(const float* Z, int64_t ldz, const float* X, int64_t ldx, 
     }
   }
   for (int j = 0; j < J; ++j)
-    for (int v = 0; v < LV; ++v) store_n<DT::f32>(acc + j * lda + v * W, a[j][v], v == LV - 1 ? nlast : W);
+    for (int v = 0; v < LV; ++v) store_n<DT::kFloat32>(acc + j * lda + v * W, a[j][v], v == LV - 1 ? nlast : W);
 }
 
 template <int J>
@@ -399,9 +399,9 @@ void colsum(const float* X, int64_t ldx, int64_t rows, int64_t L, float* acc) {
   }
   for (; l < L; l += W) {
     const int64_t n = L - l;
-    reg a = load_n<DT::f32>(acc + l, n);
-    for (int64_t m = 0; m < rows; ++m) a = V::add(a, load_n<DT::f32>(X + m * ldx + l, n));
-    store_n<DT::f32>(acc + l, a, n);
+    reg a = load_n<DT::kFloat32>(acc + l, n);
+    for (int64_t m = 0; m < rows; ++m) a = V::add(a, load_n<DT::kFloat32>(X + m * ldx + l, n));
+    store_n<DT::kFloat32>(acc + l, a, n);
   }
 }
 
@@ -524,24 +524,24 @@ template <DT BD>
 void merge_base(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Qp, int64_t L, float scale,
                 const void* base, int64_t ldb, void* out, DT odt, int64_t ldo) {
   switch (odt) {
-    case DT::f32:
-      return merge_t<BD, DT::f32>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, ldo);
-    case DT::bf16:
-      return merge_t<BD, DT::bf16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, ldo);
-    case DT::f16:
-      return merge_t<BD, DT::f16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, ldo);
+    case DT::kFloat32:
+      return merge_t<BD, DT::kFloat32>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, ldo);
+    case DT::kBFloat16:
+      return merge_t<BD, DT::kBFloat16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, ldo);
+    case DT::kFloat16:
+      return merge_t<BD, DT::kFloat16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, ldo);
   }
 }
 
 void merge(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Qp, int64_t L, float scale,
            const void* base, DT bdt, int64_t ldb, void* out, DT odt, int64_t ldo) {
   switch (bdt) {
-    case DT::f32:
-      return merge_base<DT::f32>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, odt, ldo);
-    case DT::bf16:
-      return merge_base<DT::bf16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, odt, ldo);
-    case DT::f16:
-      return merge_base<DT::f16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, odt, ldo);
+    case DT::kFloat32:
+      return merge_base<DT::kFloat32>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, odt, ldo);
+    case DT::kBFloat16:
+      return merge_base<DT::kBFloat16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, odt, ldo);
+    case DT::kFloat16:
+      return merge_base<DT::kFloat16>(Z, ldz, rows, r, Qp, L, scale, base, ldb, out, odt, ldo);
   }
 }
 
