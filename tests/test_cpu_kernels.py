@@ -221,6 +221,10 @@ def test_variant_agrees_with_aten_path(variant, dtype):
         theirs = _run(fn, inputs, g)
     finally:
         C.set_cpu_kernel(variant)
-    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
-    for o, t in zip([ours[0], *ours[1]], [theirs[0], *theirs[1]]):
-        torch.testing.assert_close(o, t, rtol=tol, atol=tol)
+    # Both are fp32-accumulating kernels in other summation orders: the fused variant must be as close to
+    # the float64 result as the ATen path is (the tolerance rule with the ATen path as the yardstick).
+    ref_fn = lambda x, w, a, b, bb: torch_lora(x, w, a, b, SCALE, bb)  # noqa: E731
+    ref = _run(ref_fn, [t.double() for t in inputs], g.double())
+    names = ["y", "grad_x", "grad_w", "grad_a", "grad_b", "grad_bias"]
+    for name, o, t, r in zip(names, [ours[0], *ours[1]], [theirs[0], *theirs[1]], [ref[0], *ref[1]]):
+        assert_rule(name, o, r, t, dtype)
