@@ -86,8 +86,8 @@ GradTuple lora_linear_backward_cpu(const Tensor& grad_out, const Tensor& x, cons
   check_grad_out(grad_out, x, weight.size(0));
   check_cpu(x, "x");
   if (fused_cpu_kernels_apply(x.scalar_type(), lora_A.size(0))) {
-    return lora_linear_backward_cpu_fused(grad_out, x, weight, lora_A, lora_B, scale, dropout_p, dropout_seed,
-                                          strategy, output_mask);
+    return lora_linear_backward_cpu_fused(grad_out, x, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy,
+                                          output_mask);
   }
   const auto [need_x, need_w, need_bias, need_a, need_b] = output_mask;
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);

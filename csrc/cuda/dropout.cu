@@ -63,8 +63,8 @@ cudaError_t launch_apply_dropout(DType dtype, ConstMatrix in, Matrix out, int64_
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     apply_dropout_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(in.data), in.s0, in.s1,
-                                                          static_cast<T*>(out.data), out.s0, out.s1, rows, cols,
-                                                          row_offset, index_cols, seed, threshold);
+                                                           static_cast<T*>(out.data), out.s0, out.s1, rows, cols,
+                                                           row_offset, index_cols, seed, threshold);
     return cudaGetLastError();
   });
 }

@@ -93,7 +93,7 @@ inline void check_dropout_seed(double dropout_p, const std::optional<at::Tensor>
                     "lora_ext: dropout_seed must be a one-element int64 tensor, got shape ", shape_str(*dropout_seed),
                     " and dtype ", dtype_str(dropout_seed->scalar_type()));
   TORCH_CHECK_TYPE(dropout_seed->device() == x.device(), "lora_ext: dropout_seed is on ", dropout_seed->device(),
-                    " but x is on ", x.device());
+                   " but x is on ", x.device());
 }
 
 // weight [N, K], lora_A [r, K], lora_B [N, r] (lora_ext/ops/checks.py check_adapter).
@@ -185,7 +185,7 @@ inline void check_nf4_storage(const NF4Params& w) {
                     " block scales for a [", w.N, ", ", w.K, "] weight with blocksize ", w.blocksize, ", got ",
                     w.absmax.numel());
   TORCH_CHECK_TYPE(w.absmax.device() == w.packed.device(), "lora_ext: absmax is on ", w.absmax.device(),
-                    " but packed is on ", w.packed.device());
+                   " but packed is on ", w.packed.device());
   if (!w.double_quant()) {
     TORCH_CHECK_TYPE(w.absmax.scalar_type() == at::kFloat,
                      "lora_ext: absmax must be float32 without double quantization, got ",
@@ -205,9 +205,9 @@ inline void check_nf4_storage(const NF4Params& w) {
                     ") = ", nested_blocks, " values, got ", dtype_str(w.nested_absmax->scalar_type()), " with ",
                     w.nested_absmax->numel());
   TORCH_CHECK_TYPE(w.nested_absmax->device() == w.packed.device(), "lora_ext: nested_absmax is on ",
-                    w.nested_absmax->device(), " but packed is on ", w.packed.device());
+                   w.nested_absmax->device(), " but packed is on ", w.packed.device());
   TORCH_CHECK_TYPE(w.nested_code->device() == w.packed.device(), "lora_ext: nested_code is on ",
-                    w.nested_code->device(), " but packed is on ", w.packed.device());
+                   w.nested_code->device(), " but packed is on ", w.packed.device());
 }
 
 // nf4_dequantize's output dtype (lora_ext/quant/nf4.py dequantize_nf4).
@@ -226,7 +226,7 @@ inline void check_nf4_lora(const at::Tensor& x, const NF4Params& w, const std::o
   check_nf4_storage(w);
   const auto on_weight_device = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK_TYPE(t.device() == w.device(), "lora_ext: ", name, " is on ", t.device(), " but the NF4 weight is on ",
-                      w.device());
+                     w.device());
   };
   on_weight_device(x, "x");
   on_weight_device(lora_A, "lora_A");
