@@ -6,13 +6,13 @@ layer keeps only its input and recomputes the rest in the backward.
 
 ``"unsloth"`` additionally moves that one kept input per layer (the hidden
 states) to CPU memory, pinned and asynchronous on CUDA, and brings it back for
-the recompute. It is the reentrant checkpoint (which holds its inputs through
-``ctx.save_for_backward``) run under ``torch.autograd.graph.save_on_cpu``: the
-saved inputs go through the offload hooks. (Under the non-reentrant checkpoint
-the inputs are held by the recompute closure and never reach those hooks, so
-``save_on_cpu`` around it moves nothing: see BENCHMARKS.md.) On a model whose
-parameters are on the CPU there is nothing to offload to, and ``"unsloth"`` is
-plain checkpointing.
+the recompute: the checkpoint runs under ``torch.autograd.graph.save_on_cpu``,
+and the checkpoint keeps its inputs through ``save_for_backward``, which goes
+through the offload hooks (the tensors saved inside the layer are not kept at
+all). On a model whose parameters are on the CPU there is nothing to offload
+to, and ``"unsloth"`` is plain checkpointing. (transformers 5.24's
+``activation_checkpointing_enable(offload=True)`` does the same; this works with
+any transformers version that has ``_set_gradient_checkpointing``.)
 
 Both restore the RNG state for the recompute, and the fused dropout mask is a
 function of its seed, so the gradients equal those without checkpointing with
@@ -43,7 +43,7 @@ def offloaded_checkpoint(function: Callable, *args: Any, pin_memory: bool | None
     if pin_memory is None:
         pin_memory = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
     with torch.autograd.graph.save_on_cpu(pin_memory=pin_memory):
-        return checkpoint(function, *args, use_reentrant=True, **kwargs)
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
 def _parameters_on_cpu(model: nn.Module) -> bool:
@@ -80,10 +80,13 @@ def enable_checkpointing(model: nn.Module, mode: bool | str, *, offload: bool | 
     else:
         func = functools.partial(checkpoint, use_reentrant=False)
     model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=func)
-    # The reentrant checkpoint needs an input that requires grad to run the backward at all (frozen embeddings
-    # give none); this is what PEFT and Unsloth do too.
-    if hasattr(model, "enable_input_require_grads") and model.get_input_embeddings() is not None:
-        model.enable_input_require_grads()
+    # Embedding outputs that require grad, as PEFT and Unsloth set up (needed by reentrant checkpoint
+    # functions a user may install later; harmless for the non-reentrant one).
+    if hasattr(model, "enable_input_require_grads"):
+        try:
+            model.enable_input_require_grads()
+        except NotImplementedError:  # a model without input embeddings
+            pass
     if hasattr(model, "config"):
         model.config.use_cache = False
     return "offload" if offload else "checkpoint"

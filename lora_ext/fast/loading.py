@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -75,13 +76,49 @@ def checkpoint_files(folder: str) -> list[str]:
     )
 
 
-def _tensors(files: Iterable[str]) -> Iterator[tuple[str, Tensor]]:
-    from safetensors import safe_open
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
+
+def _tensors(files: Iterable[str]) -> Iterator[tuple[str, Tensor]]:
+    """``(key, tensor)`` of every tensor of the safetensors ``files``, one at a time, each read into fresh memory.
+
+    Plain reads instead of safetensors' memory map: a mapped shard's pages stay resident (and count in the
+    resident set) while anything of it is referenced, so a mapped load holds up to the whole checkpoint.
+    The format: an 8-byte little-endian header length, a JSON header ``{key: {dtype, shape, data_offsets}}``,
+    then the data.
+    """
     for path in files:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
-                yield key, f.get_tensor(key)
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            try:
+                header = json.loads(f.read(header_len))
+            except ValueError as exc:
+                raise ValueError(f"lora_ext: {path!r} is not a safetensors file (unreadable header)") from exc
+            data_start = 8 + header_len
+            entries = sorted(
+                ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
+            )
+            for key, info in entries:
+                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise ValueError(f"lora_ext: {path!r}: tensor {key!r} has unsupported dtype {info['dtype']!r}")
+                begin, end = info["data_offsets"]
+                buf = torch.empty(end - begin, dtype=torch.uint8)
+                f.seek(data_start + begin)
+                if f.readinto(memoryview(buf.numpy())) != end - begin:
+                    raise ValueError(f"lora_ext: {path!r} is truncated (tensor {key!r})")
+                yield key, buf.view(dtype).reshape(info["shape"])
 
 
 def _skip_names(model: nn.Module, skip_modules: Iterable[str]) -> tuple[str, ...]:
