@@ -158,6 +158,24 @@ class SavedTensorTracker:
         return sum(self.storages.values())
 
 
+def counting_save_on_cpu(tracker: SavedTensorTracker) -> type:
+    """A ``save_on_cpu`` subclass whose pack hook records what it offloads in ``tracker``."""
+    import torch
+
+    class _Counting(torch.autograd.graph.save_on_cpu):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            super().__init__(pin_memory=pin_memory, device_type=device_type)
+            pack = self.pack_hook
+
+            def counting(t):
+                tracker.pack(t)
+                return pack(t)
+
+            self.pack_hook = counting
+
+    return _Counting
+
+
 def measure_checkpointing(batch: int = 4, seq: int = 512) -> list[dict]:
     """Saved-activation bytes of one training step per checkpointing mode (see the module docstring)."""
     import torch
@@ -180,28 +198,16 @@ def measure_checkpointing(batch: int = 4, seq: int = 512) -> list[dict]:
         model.train()
         ids = torch.randint(0, CKPT_CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
         tracker = SavedTensorTracker()
-        # Outermost hooks: they see what autograd saves outside the checkpointed layers, and (for the
-        # reentrant checkpoint) the inputs it saves; save_on_cpu inside them sees those inputs first.
+        # Outermost hooks: they see what autograd saves outside the checkpointed layers and the inputs each
+        # checkpoint keeps (its save_for_backward); under offload, save_on_cpu sees those inputs instead.
         offloaded = SavedTensorTracker()
-        real = torch.autograd.graph.save_on_cpu
-
-        class _Counting(real):
-            def __init__(self, pin_memory=False, device_type="cuda"):
-                super().__init__(pin_memory=pin_memory, device_type=device_type)
-                pack = self.pack_hook
-
-                def counting(t):
-                    offloaded.pack(t)
-                    return pack(t)
-
-                self.pack_hook = counting
-
+        counting = counting_save_on_cpu(offloaded)
         import transformers.modeling_utils as hf_modeling  # imports save_on_cpu by name
 
         patched = [(torch.autograd.graph, "save_on_cpu"), (hf_modeling, "save_on_cpu")]
         saved = [(mod, name, getattr(mod, name, None)) for mod, name in patched]
         for mod, name in patched:
-            setattr(mod, name, _Counting)
+            setattr(mod, name, counting)
         try:
             with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
                 loss = model(input_ids=ids, labels=ids).loss
