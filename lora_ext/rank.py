@@ -137,7 +137,7 @@ def rank_report(model: nn.Module, adapter_name: str | None = None, energy: float
         k = _effective_rank(sv, float(energy))
         sq = sv.square()
         total = sq.sum().item()
-        d_out, d_in = b.shape[0], a.shape[1]
+        d_in, d_out = layer.in_features, layer.out_features  # an embedding: (num_embeddings, embedding_dim)
         per_rank = d_in + d_out
         kept = max(k, 1)
         out.append(

@@ -130,6 +130,31 @@ def _skip_names(model: nn.Module, skip_modules: Iterable[str]) -> tuple[str, ...
     return tuple(dict.fromkeys(names))
 
 
+def _transformers_renamer(model: nn.Module, own: dict[str, Tensor], prefix: str):
+    """transformers' checkpoint-key renamings of ``model`` (transformers >= 5: e.g. Llava's legacy
+    ``language_model.model.*`` keys), as ``key -> key``; None where transformers has none."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # transformers 4: checkpoints carry the model's own keys
+        return None
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+
+    def rename(key: str) -> str:
+        new, converted = rename_source_key(key, renamings, converters, prefix, own)
+        if converted is not None:
+            raise ValueError(
+                f"lora_ext: checkpoint tensor {key!r} needs transformers' weight conversion ({converted!r}: tensors "
+                "merged or split at load); load_in_4bit cannot stream it. Load with load_in_4bit=False and "
+                "lora_ext.quantize_model the result"
+            )
+        return new
+
+    return rename
+
+
 def _model_key(key: str, own: set[str], prefix: str) -> str | None:
     """The model's state-dict key of checkpoint key ``key``: identical, or with the base-model prefix added or removed."""
     if key in own:
@@ -178,8 +203,10 @@ def load_quantized(
             model = model_class._from_config(config, dtype=dtype)
         else:  # an auto class
             model = model_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    own = set(model.state_dict(keep_vars=True))
+    own_tensors = model.state_dict(keep_vars=True)
+    own = set(own_tensors)
     prefix = getattr(model, "base_model_prefix", "")
+    rename = _transformers_renamer(model, own_tensors, prefix)
     skip = _skip_names(model, skip_modules)
     linears = {
         name: m for name, m in model.named_modules() if type(m) is nn.Linear and not targets.within_any(name, skip)
@@ -192,6 +219,8 @@ def load_quantized(
     unknown: list[str] = []
     for key, tensor in _tensors(files):
         mapped = _model_key(key, own, prefix)
+        if mapped is None and rename is not None:
+            mapped = _model_key(rename(key), own, prefix)
         if mapped is None:
             unknown.append(key)
             continue
