@@ -1,12 +1,14 @@
 """``for_inference`` / ``for_training``: merged adapters for inference, the exact trainable state back for training.
 
 Merging ``W ← round(W + s·BA)`` and unmerging ``round(W' − s·BA)`` does not give
-``W`` back bit for bit (docs/model_api.md, "Numerics of merging"). So
-``for_inference`` records, per merged weight, the difference between the
-original bits and what the unmerge will compute, as integers of the weight's
-bit pattern: small (one or two units in the last place) and stored as int8 when
-they fit, else the original weight itself is kept. ``for_training`` unmerges and
-adds the difference back: the weights are the original bits again.
+``W`` back bit for bit (docs/model_api.md, "Numerics of merging"): about 1-2 %
+of the elements differ for a trained-size delta, most of them for a delta as
+large as the weights. So ``for_inference`` computes, right after merging, what
+the unmerge will give, and records the elements where it differs from the
+original bits: their flat indices (int32) and original values, or, when that
+would take more memory than the weight itself, a copy of the original weight
+in CPU memory. ``for_training`` unmerges and writes those elements back: the
+weights are the original bits again.
 
 An NF4 base (``LoraLinearNF4``) is not merged by default: merging would
 dequantize it into a full-precision layer, which undoes the 4-bit load. It
@@ -36,21 +38,13 @@ _MERGE_OPTIONS = ("auto", "all", "none")
 class _InferenceState:
     training: dict[str, bool] = field(default_factory=dict)  # module name -> .training
     requires_grad: dict[str, bool] = field(default_factory=dict)  # parameter name -> requires_grad
-    residuals: dict[str, Tensor] = field(default_factory=dict)  # layer name -> bits(W) − bits(unmerge(W'))
-    originals: dict[str, Tensor] = field(default_factory=dict)  # layer name -> W, when the residual does not fit
+    fixes: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> (flat indices, original values)
+    originals: dict[str, Tensor] = field(default_factory=dict)  # layer -> original weight (CPU), when smaller
     merged: list[str] = field(default_factory=list)  # layers merged by for_inference
 
 
 def _bits(t: Tensor) -> Tensor:
-    return t.view(_INT_VIEW[t.element_size()]).to(torch.int64)
-
-
-def _residual(weight_before: Tensor, weight_back: Tensor) -> Tensor | None:
-    """``bits(before) − bits(back)`` as int8, or None when some difference does not fit."""
-    diff = _bits(weight_before) - _bits(weight_back)
-    if diff.numel() and diff.abs().max().item() > 127:
-        return None
-    return diff.to(torch.int8)
+    return t.view(_INT_VIEW[t.element_size()])
 
 
 def _dense_merge_exact(layer: LoraLayer, state: _InferenceState, name: str) -> None:
@@ -64,11 +58,14 @@ def _dense_merge_exact(layer: LoraLayer, state: _InferenceState, name: str) -> N
         layer._unmerge_all()
         back = weight.data
         weight.data = merged
-    residual = _residual(before, back)
-    if residual is None:
-        state.originals[name] = before
+    wrong = (_bits(before) != _bits(back)).flatten().nonzero().squeeze(1)
+    del back
+    index_dtype = torch.int32 if before.numel() < 2**31 else torch.int64
+    sparse_bytes = wrong.numel() * (index_dtype.itemsize + before.element_size())
+    if sparse_bytes < before.numel() * before.element_size():
+        state.fixes[name] = (wrong.to(index_dtype), before.flatten()[wrong].clone())
     else:
-        state.residuals[name] = residual
+        state.originals[name] = before.cpu() if before.device.type != "cpu" else before
 
 
 def for_inference(model: nn.Module, *, merge: str = "auto") -> nn.Module:
@@ -134,9 +131,9 @@ def for_training(model: nn.Module) -> nn.Module:
             weight = layer.base_layer.weight
             if name in state.originals:
                 weight.data.copy_(state.originals[name])
-            elif name in state.residuals:
-                bits = _bits(weight.data) + state.residuals[name].to(torch.int64)
-                weight.data.copy_(bits.to(_INT_VIEW[weight.element_size()]).view(weight.dtype))
+            elif name in state.fixes:
+                index, values = state.fixes[name]
+                weight.data.view(-1)[index.long()] = values
     for n, p in root.named_parameters():
         if n in state.requires_grad:
             p.requires_grad_(state.requires_grad[n])
