@@ -118,7 +118,10 @@ def _tensors(files: Iterable[str]) -> Iterator[tuple[str, Tensor]]:
                 f.seek(data_start + begin)
                 if f.readinto(memoryview(buf.numpy())) != end - begin:
                     raise ValueError(f"lora_ext: {path!r} is truncated (tensor {key!r})")
-                yield key, buf.view(dtype).reshape(info["shape"])
+                tensor = buf.view(dtype).reshape(info["shape"])
+                del buf
+                yield key, tensor
+                del tensor  # before the next read: one tensor alive at a time
 
 
 def _skip_names(model: nn.Module, skip_modules: Iterable[str]) -> tuple[str, ...]:
