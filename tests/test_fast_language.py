@@ -183,11 +183,11 @@ def test_meaningless_arguments_accepted_with_one_warning(folder):
         model, _ = FastLanguageModel.from_pretrained(
             folder, max_seq_length=64, token="hf_xxx", device_map="auto", fix_tokenizer=False, max_lora_rank=32
         )
-    messages = [str(w.message) for w in caught if "lora_ext" in str(w.message)]
-    assert len(messages) == 2, messages  # one for the Unsloth-only switches, one for token/device_map
-    joined = " ".join(messages)
+    mine = [w for w in caught if "lora_ext" in str(w.message)]
+    assert len(mine) == 1, [str(w.message) for w in mine]
+    assert mine[0].filename == __file__  # points at the caller
     for name in ("fix_tokenizer=False", "max_lora_rank=32", "token", "device_map='auto'"):
-        assert name in joined
+        assert name in str(mine[0].message)
     assert isinstance(model, transformers.LlamaForCausalLM)
 
 
@@ -212,6 +212,13 @@ def test_get_peft_model_refusals_leave_the_model_unchanged(folder, kwargs, exc, 
     now = snapshot(model)
     assert now["structure"] == snap["structure"] and now["grad"] == snap["grad"] and now["state"] is None
     assert all(torch.equal(now["tensors"][k], v) for k, v in snap["tensors"].items())
+
+
+def test_get_peft_model_ignored_argument_warns_at_the_caller(folder):
+    model, _ = _load(folder)
+    with pytest.warns(UserWarning, match="no effect here, ignored: max_seq_length=4096") as caught:
+        _peft(model, max_seq_length=4096)
+    assert caught[0].filename == __file__
 
 
 def test_loftq_none_and_empty_dict_accepted(folder):

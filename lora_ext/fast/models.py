@@ -89,8 +89,14 @@ _IGNORED_DEFAULTS = {
 }
 
 
-def _check_extra(kwargs: dict[str, Any], where: str, ignorable: tuple[str, ...]) -> None:
-    """Refuse unsupported features, warn once about arguments without effect, refuse unknown names."""
+def _check_extra(
+    kwargs: dict[str, Any],
+    where: str,
+    ignorable: tuple[str, ...],
+    also_ignored: tuple[str, ...] = (),
+    stacklevel: int = 4,
+) -> None:
+    """Refuse unsupported features and unknown names; one warning naming the arguments without effect."""
     refused = [k for k in kwargs if k in _REFUSED_UNLESS and kwargs[k] not in (_REFUSED_UNLESS[k], None)]
     if refused:
         raise ValueError(
@@ -100,13 +106,12 @@ def _check_extra(kwargs: dict[str, Any], where: str, ignorable: tuple[str, ...])
     unknown = [k for k in kwargs if k not in _REFUSED_UNLESS and k not in ignorable]
     if unknown:
         raise TypeError(f"lora_ext: {where} got unexpected keyword argument(s) {unknown}")
-    ignored = [k for k in kwargs if k in ignorable and kwargs[k] != _IGNORED_DEFAULTS.get(k, object())]
+    ignored = [
+        f"{k}={kwargs[k]!r}" for k in kwargs if k in ignorable and kwargs[k] != _IGNORED_DEFAULTS.get(k, object())
+    ]
+    ignored += list(also_ignored)
     if ignored:
-        warnings.warn(
-            f"lora_ext: {where}: argument(s) {', '.join(f'{k}={kwargs[k]!r}' for k in ignored)} have no effect "
-            "here and are ignored",
-            stacklevel=3,
-        )
+        warnings.warn(f"lora_ext: {where}: no effect here, ignored: {'; '.join(ignored)}", stacklevel=stacklevel)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -199,7 +204,6 @@ def _from_pretrained(
     **kwargs: Any,
 ):
     where = ("FastVisionModel" if vision else "FastLanguageModel") + ".from_pretrained"
-    _check_extra(kwargs, where, tuple(_IGNORED_DEFAULTS))
     if max_seq_length is not None and (
         isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0
     ):
@@ -214,8 +218,7 @@ def _from_pretrained(
         ignored.append("token (a local folder needs none)")
     if local and revision is not None:
         ignored.append("revision (a local folder has one)")
-    if ignored:
-        warnings.warn(f"lora_ext: {where}: {'; '.join(ignored)}", stacklevel=3)
+    _check_extra(kwargs, where, tuple(_IGNORED_DEFAULTS), tuple(ignored))
     folder = resolve_folder(model_name, revision=revision, token=token)
     model_class = _model_class(folder, vision, trust_remote_code)
     if load_in_4bit:
@@ -252,7 +255,7 @@ def _lora_config_kwargs(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
     """Split off LoraConfig fields (rank_pattern, alpha_pattern, ...) from the rest, which _check_extra vets."""
     fields = {f.name for f in dataclasses.fields(LoraConfig)}
     config_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
-    _check_extra(kwargs, where, tuple(_IGNORED_DEFAULTS))
+    _check_extra(kwargs, where, tuple(_IGNORED_DEFAULTS), stacklevel=5)
     return config_kwargs
 
 
@@ -429,7 +432,7 @@ class FastLanguageModel:
     @staticmethod
     def for_training(model: nn.Module, **kwargs: Any) -> nn.Module:
         """Undo :meth:`for_inference` exactly: original weights, training mode, trainable adapters."""
-        _check_extra(kwargs, "for_training", ("use_gradient_checkpointing",))
+        _check_extra(kwargs, "for_training", ("use_gradient_checkpointing",), stacklevel=3)
         return for_training(model)
 
 
