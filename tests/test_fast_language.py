@@ -523,3 +523,49 @@ def test_fast_language_model_passes_on_the_fallback():
         timeout=900,
     )
     assert " passed" in tail and "failed" not in tail
+
+
+def _tampered(tmp_path, edit):
+    """A single-file checkpoint of the tiny Llama with ``edit(state_dict)`` applied."""
+    from safetensors.torch import save_file
+
+    model = tiny_llama(seed=4)
+    model.config.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    edit(state)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "pattern"),
+    [
+        (lambda s: s.update({"model.layers.0.extra.weight": torch.zeros(2)}), "tensors the model does not know"),
+        (lambda s: s.pop("model.layers.1.mlp.down_proj.weight"), "no weights for the linear layers"),
+        (lambda s: s.pop("model.norm.weight"), "no tensors for \\['model.norm.weight'\\]"),
+        (lambda s: s.update({"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 63)}), "has shape \\[64, 63\\]"),
+    ],
+    ids=["unknown", "missing-linear", "missing-norm", "shape"],
+)
+def test_4bit_load_checkpoint_errors(tmp_path, edit, pattern):
+    folder = _tampered(tmp_path, edit)
+    with pytest.raises(ValueError, match=pattern):
+        FastLanguageModel.from_pretrained(folder, max_seq_length=64)
+
+
+def test_4bit_load_truncated_file(tmp_path):
+    folder = _tampered(tmp_path, lambda s: None)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="is truncated"):
+        FastLanguageModel.from_pretrained(folder, max_seq_length=64)
+
+
+def test_4bit_load_tied_embeddings(tmp_path):
+    folder = save_model(tiny_llama(seed=5, tie_word_embeddings=True), str(tmp_path), tokenizer=False)
+    model, _ = _load(folder)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the head stays full precision and tied
+    ref = lora_ext.quantize_model(transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)).eval()
+    ids = llama_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
