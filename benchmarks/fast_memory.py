@@ -79,7 +79,7 @@ def _load_worker(folder: str, method: str) -> dict:
         small = {**LOAD_CONFIG, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                  "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 64}  # fmt: skip
         transformers.LlamaForCausalLM(transformers.LlamaConfig(**small)).save_pretrained(tiny)
-        lora_ext.FastLanguageModel.from_pretrained(tiny, max_seq_length=512, load_in_4bit=True)
+        lora_ext.FastLanguageModel.from_pretrained(tiny, max_seq_length=512, device_map="cpu")
         lora_ext.quantize_model(transformers.LlamaForCausalLM.from_pretrained(tiny, dtype=torch.float32))
     gc.collect()
     try:
@@ -90,7 +90,9 @@ def _load_worker(folder: str, method: str) -> dict:
         reset = False
     before = _status("VmRSS")
     if method == "fast_4bit":
-        model, _ = lora_ext.FastLanguageModel.from_pretrained(folder, max_seq_length=512, load_in_4bit=True)
+        model, _ = lora_ext.FastLanguageModel.from_pretrained(
+            folder, max_seq_length=512, load_in_4bit=True, dtype=torch.float32, device_map="cpu"
+        )
     elif method == "transformers_then_quantize_model":
         model = lora_ext.quantize_model(transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32))
     else:

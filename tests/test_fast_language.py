@@ -36,6 +36,8 @@ def folder_no_tokenizer(tmp_path_factory):
 
 def _load(folder, **kwargs):
     kwargs.setdefault("max_seq_length", 64)
+    kwargs.setdefault("device_map", "cpu")  # the comparisons below are against CPU fp32 models
+    kwargs.setdefault("dtype", torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning for a plain call
         return FastLanguageModel.from_pretrained(model_name=folder, **kwargs)
@@ -71,8 +73,9 @@ def test_notebook_code_runs(folder, capsys):
     assert capsys.readouterr().out.startswith("trainable params: 32,768 || all params:")
     assert tokenizer.model_max_length == 2048
     batch = tokenizer(["w3 w4 w5 w6 w7 w8", "w9 w2 w3 w4 w5 w6"], return_tensors="pt")
+    assert batch["input_ids"].tolist() == [[3, 4, 5, 6, 7, 8], [9, 2, 3, 4, 5, 6]]
+    batch = batch.to(model.device)  # the current CUDA device on a GPU machine
     ids = batch["input_ids"]
-    assert ids.tolist() == [[3, 4, 5, 6, 7, 8], [9, 2, 3, 4, 5, 6]]
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
@@ -140,7 +143,7 @@ def test_bin_checkpoint_refused_for_4bit(tmp_path):
     model.config.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="reads safetensors checkpoints"):
-        FastLanguageModel.from_pretrained(str(tmp_path), max_seq_length=64)
+        FastLanguageModel.from_pretrained(str(tmp_path), max_seq_length=64, device_map="cpu")
 
 
 # ------------------------------------------------------------------ arguments
@@ -160,7 +163,7 @@ def test_bin_checkpoint_refused_for_4bit(tmp_path):
 )
 def test_unsupported_load_arguments_are_refused(folder, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
-        FastLanguageModel.from_pretrained(folder, **{"max_seq_length": 64, **kwargs})
+        FastLanguageModel.from_pretrained(folder, **{"max_seq_length": 64, "device_map": "cpu", **kwargs})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
@@ -171,9 +174,9 @@ def test_cuda_device_map_refused_without_cuda(folder):
 
 def test_bad_types_are_type_errors(folder):
     with pytest.raises(TypeError, match="dtype must be None"):
-        FastLanguageModel.from_pretrained(folder, max_seq_length=64, dtype=torch.int8)
+        FastLanguageModel.from_pretrained(folder, max_seq_length=64, device_map="cpu", dtype=torch.int8)
     with pytest.raises(TypeError, match="unexpected keyword argument"):
-        FastLanguageModel.from_pretrained(folder, max_seq_length=64, lod_in_4bit=True)
+        FastLanguageModel.from_pretrained(folder, max_seq_length=64, device_map="cpu", lod_in_4bit=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="device_map='auto' means something on a GPU machine")
@@ -550,7 +553,7 @@ def _tampered(tmp_path, edit):
 def test_4bit_load_checkpoint_errors(tmp_path, edit, pattern):
     folder = _tampered(tmp_path, edit)
     with pytest.raises(ValueError, match=pattern):
-        FastLanguageModel.from_pretrained(folder, max_seq_length=64)
+        FastLanguageModel.from_pretrained(folder, max_seq_length=64, device_map="cpu")
 
 
 def test_4bit_load_truncated_file(tmp_path):
@@ -558,7 +561,7 @@ def test_4bit_load_truncated_file(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match="is truncated"):
-        FastLanguageModel.from_pretrained(folder, max_seq_length=64)
+        FastLanguageModel.from_pretrained(folder, max_seq_length=64, device_map="cpu")
 
 
 def test_4bit_load_tied_embeddings(tmp_path):
