@@ -14,8 +14,9 @@ tests/test_fast_memory.py:
   training step of a 4-layer Llama (tracked with ``saved_tensors_hooks``:
   each saved tensor's storage counted once), without checkpointing, with
   ``use_gradient_checkpointing=True``, with ``"unsloth"`` (offload forced on, as on
-  a GPU: the kept inputs go to CPU memory), and with transformers' own
-  ``activation_checkpointing_enable(offload=True)`` for comparison.
+  a GPU: the kept inputs go to CPU memory; counted in lora_ext's pack hook), and with
+  transformers' own ``activation_checkpointing_enable(offload=True)`` (torch's
+  ``save_on_cpu``) for comparison.
 """
 
 from __future__ import annotations
@@ -210,6 +211,14 @@ def measure_checkpointing(batch: int = 4, seq: int = 512) -> list[dict]:
         saved = [(mod, name, getattr(mod, name, None)) for mod, name in patched]
         for mod, name in patched:
             setattr(mod, name, counting)
+        real_pack = checkpointing._pack_to_cpu
+
+        def pack(t, real_pack=real_pack, tracker=offloaded):
+            tracker.pack(t)
+            return real_pack(t)
+
+        saved.append((checkpointing, "_pack_to_cpu", real_pack))
+        checkpointing._pack_to_cpu = pack
         try:
             with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
                 loss = model(input_ids=ids, labels=ids).loss

@@ -268,18 +268,20 @@ def test_random_state_seeds_the_adapter_init(folder):
 # ------------------------------------------------------------------ checkpointing
 
 
-class _CountingSaveOnCpu(torch.autograd.graph.save_on_cpu):
-    packed = 0
+class _PackCounter:
+    """Wraps lora_ext.fast.checkpointing._pack_to_cpu: counts the non-empty tensors it moves to host memory."""
 
-    def __init__(self, pin_memory=False, device_type="cuda"):
-        super().__init__(pin_memory=pin_memory, device_type=device_type)
-        pack = self.pack_hook
+    def __init__(self, monkeypatch):
+        self.packed = 0
+        real = fast_checkpointing._pack_to_cpu
 
-        def counting(t):
-            type(self).packed += t.numel() > 0  # (the non-reentrant checkpoint also saves an empty marker)
-            return pack(t)
+        def pack(t):
+            self.packed += t.numel() > 0  # (the non-reentrant checkpoint also saves an empty marker)
+            device, packed = real(t)
+            assert packed.data_ptr() != t.data_ptr() or t.numel() == 0  # a copy, not the tensor itself
+            return device, packed
 
-        self.pack_hook = counting
+        monkeypatch.setattr(fast_checkpointing, "_pack_to_cpu", pack)
 
 
 def _train_grads(folder, mode, offload=None, load_in_4bit=False):
@@ -302,15 +304,14 @@ def _train_grads(folder, mode, offload=None, load_in_4bit=False):
 def test_checkpointing_gives_the_gradients_of_the_plain_run(folder, monkeypatch, mode, offload, load_in_4bit):
     ref, flags = _train_grads(folder, False, load_in_4bit=load_in_4bit)
     assert flags == [False, False]
-    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", _CountingSaveOnCpu)
-    _CountingSaveOnCpu.packed = 0
+    counter = _PackCounter(monkeypatch)
     got, flags = _train_grads(folder, mode, offload, load_in_4bit=load_in_4bit)
     assert flags == [True, True]
     assert_close_dicts(got, ref, rtol=1e-5, atol=1e-7)
     assert all(torch.count_nonzero(g) > 0 for g in got.values())
     # The offload path moves exactly the hidden states each layer keeps (one tensor per layer); on a CPU model
     # "unsloth" is plain checkpointing, which offloads nothing.
-    assert _CountingSaveOnCpu.packed == (2 if offload else 0)
+    assert counter.packed == (2 if offload else 0)
 
 
 def test_get_peft_model_enables_checkpointing(folder):
@@ -332,12 +333,11 @@ def test_offloaded_checkpoint_is_plain_checkpoint_plus_cpu_copies():
     lin(x).square().sum().backward()
     ref = x.grad.clone()
     x.grad = None
-    _CountingSaveOnCpu.packed = 0
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.autograd.graph, "save_on_cpu", _CountingSaveOnCpu)
+        counter = _PackCounter(mp)
         torch.manual_seed(3)
         fast_checkpointing.offloaded_checkpoint(lin, x).square().sum().backward()
-    assert _CountingSaveOnCpu.packed == 1
+    assert counter.packed == 1
     torch.testing.assert_close(x.grad, ref, rtol=1e-6, atol=1e-7)
 
 

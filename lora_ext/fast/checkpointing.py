@@ -5,11 +5,14 @@ every decoder/encoder layer (``torch.utils.checkpoint``, non-reentrant): each
 layer keeps only its input and recomputes the rest in the backward.
 
 ``"unsloth"`` additionally moves that one kept input per layer (the hidden
-states) to CPU memory, pinned and asynchronous on CUDA, and brings it back for
-the recompute: the checkpoint runs under ``torch.autograd.graph.save_on_cpu``,
-and the checkpoint keeps its inputs through ``save_for_backward``, which goes
-through the offload hooks (the tensors saved inside the layer are not kept at
-all). On a model whose parameters are on the CPU there is nothing to offload
+states) to CPU memory and brings it back for the recompute: the checkpoint runs
+under saved-tensor hooks (:class:`offload_saved_tensors`) that copy each saved
+device tensor into pinned host memory with a non-blocking copy (ordered on the
+current stream, so the device memory can be reused at once) and copy it back
+non-blocking in the backward. The checkpoint keeps its inputs through
+``save_for_backward``, which goes through these hooks (the tensors saved inside
+the layer are not kept at all). ``torch.autograd.graph.save_on_cpu`` does the
+same with a blocking device-to-host copy. On a model whose parameters are on the CPU there is nothing to offload
 to, and ``"unsloth"`` is plain checkpointing. (transformers 5.24's
 ``activation_checkpointing_enable(offload=True)`` does the same; this works with
 any transformers version that has ``_set_gradient_checkpointing``.)
@@ -29,20 +32,42 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["enable_checkpointing", "offloaded_checkpoint"]
+__all__ = ["enable_checkpointing", "offload_saved_tensors", "offloaded_checkpoint"]
 
 
-def offloaded_checkpoint(function: Callable, *args: Any, pin_memory: bool | None = None, **kwargs: Any) -> Any:
-    """``torch.utils.checkpoint`` whose kept inputs live in CPU memory until the backward.
+def _pack_to_cpu(t: torch.Tensor) -> tuple[torch.device | None, torch.Tensor]:
+    """A saved tensor's copy in host memory (pinned and non-blocking from CUDA); sparse tensors stay as they are."""
+    if t.layout != torch.strided:
+        return None, t
+    pin = t.is_cuda
+    packed = torch.empty(t.size(), dtype=t.dtype, pin_memory=pin)
+    packed.copy_(t, non_blocking=pin)
+    return t.device, packed
+
+
+def _unpack_from_cpu(saved: tuple[torch.device | None, torch.Tensor]) -> torch.Tensor:
+    device, packed = saved
+    if device is None:
+        return packed
+    return packed.to(device, non_blocking=packed.is_pinned())
+
+
+class offload_saved_tensors(torch.autograd.graph.saved_tensors_hooks):  # noqa: N801  (a context manager, as torch's)
+    """Saved-tensor hooks: every tensor autograd saves inside the block waits for the backward in host memory."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda t: _pack_to_cpu(t), lambda saved: _unpack_from_cpu(saved))
+
+
+def offloaded_checkpoint(function: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``torch.utils.checkpoint`` (non-reentrant) whose kept inputs live in host memory until the backward.
 
     Args:
         function: the layer's forward (keyword arguments bound, as transformers passes it).
-        args: its positional inputs; tensors among them are copied to CPU memory (pinned when ``pin_memory``,
-            default: when a CUDA device is in use) and back to their device for the recompute.
+        args: its positional inputs; the tensors among them are what the checkpoint keeps, copied to host
+            memory (pinned, non-blocking from CUDA) and back to their device for the recompute.
     """
-    if pin_memory is None:
-        pin_memory = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
-    with torch.autograd.graph.save_on_cpu(pin_memory=pin_memory):
+    with offload_saved_tensors():
         return checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
