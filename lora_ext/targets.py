@@ -163,9 +163,13 @@ def resolve_targets(
 
 
 def resolve_modules_to_save(
-    candidates: list[tuple[str, nn.Module]], config: Any, targets: set[str]
+    candidates: list[tuple[str, nn.Module]], config: Any, targets: set[str], tolerated: Iterable[str] = ()
 ) -> list[tuple[str, nn.Module]]:
-    """Modules selected by ``config.modules_to_save`` (PEFT's plain suffix match); each entry must match."""
+    """Modules selected by ``config.modules_to_save`` (PEFT's plain suffix match).
+
+    Each entry must match a module, except those in ``tolerated`` (the entries a
+    task type adds, or all of them when loading a file, as PEFT does).
+    """
     if not config.modules_to_save:
         return []
     found: list[tuple[str, nn.Module]] = []
@@ -181,7 +185,8 @@ def resolve_modules_to_save(
         if key in targets:
             raise ValueError(f"lora_ext: {key!r} is both a LoRA target and in modules_to_save")
         found.append((key, module))
-    missing = [m for m, c in hits.items() if c == 0]
+    tolerated = set(tolerated)
+    missing = [m for m, c in hits.items() if c == 0 and m not in tolerated]
     if missing:
         raise ValueError(f"lora_ext: modules_to_save entries {missing} match no module of the model")
     return found

@@ -152,15 +152,8 @@ def _adapter_dtype(base: nn.Module, autocast_adapter_dtype: bool) -> torch.dtype
 
 
 def _as_lora_config(config: Any) -> LoraConfig:
-    if isinstance(config, LoraConfig):
-        config.validate()
-        return config
-    if hasattr(config, "to_dict") and str(getattr(config, "peft_type", "")).upper().endswith("LORA"):
-        data = config.to_dict()
-        if isinstance(data.get("target_modules"), set):
-            data["target_modules"] = sorted(data["target_modules"])
-        return LoraConfig.from_peft_dict(data)
-    raise TypeError(f"lora_ext: config must be a lora_ext.LoraConfig, got {type(config).__name__}")
+    # a peft.LoraConfig is converted; its task_type adds PEFT's per-task modules_to_save
+    return LoraConfig.from_peft(config).with_task_modules()
 
 
 # ------------------------------------------------------------------------ inject
@@ -220,7 +213,11 @@ def _inject(
     for name, module in matched:
         r, alpha = config.rank_and_alpha(name)
         targets.append(_Target(name, module, r, alpha))
-    mts = _targets.resolve_modules_to_save(candidates, config, {t.name for t in targets})
+    # PEFT never refuses a modules_to_save entry that matches nothing; we do for the user's own
+    # entries of inject_adapter (a typo must not be ignored), not for those a task type adds nor
+    # for a file's (load_adapter), whose tensors are checked instead.
+    tolerated = config.task_modules_to_save() if strict else (config.modules_to_save or [])
+    mts = _targets.resolve_modules_to_save(candidates, config, {t.name for t in targets}, tolerated)
     if weights is not None:
         _check_weights(targets, weights)
     if module_weights is not None:

@@ -104,8 +104,10 @@ def read_adapter(path: str) -> tuple[LoraConfig, dict[str, Tensor]]:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"lora_ext: {config_path!r} is not valid JSON: {e}") from None
-    config = LoraConfig.from_peft_dict(data)
+    return LoraConfig.from_peft_dict(data), _read_weights(path)
 
+
+def _read_weights(path: str) -> dict[str, Tensor]:
     weights_path = os.path.join(path, WEIGHTS_NAME)
     if os.path.isfile(weights_path):
         tensors = _read_safetensors(weights_path)
@@ -117,7 +119,7 @@ def read_adapter(path: str) -> tuple[LoraConfig, dict[str, Tensor]]:
             raise ValueError(f"lora_ext: cannot read {legacy!r}: {e}") from None
     else:
         raise FileNotFoundError(f"lora_ext: no {WEIGHTS_NAME} (or {_LEGACY_WEIGHTS_NAME}) in {path!r}")
-    return config, tensors
+    return tensors
 
 
 def _read_safetensors(weights_path: str) -> dict[str, Tensor]:
@@ -194,13 +196,20 @@ def load_adapter(
     *,
     is_trainable: bool = False,
     autocast_adapter_dtype: bool = True,
+    config: Any = None,
 ) -> nn.Module:
     """Load an adapter saved by PEFT (``save_pretrained``) or by :func:`save_adapter`; returns ``model``.
 
     Injects the LoRA layers the config describes if they are not there yet. As
     with PEFT, the first adapter of a model becomes active; a further one is
     added inactive (use :func:`lora_ext.set_adapter`). With ``is_trainable=False``
-    (PEFT's default) its parameters are frozen.
+    (PEFT's default) its parameters are frozen. ``config`` (a :class:`LoraConfig`
+    or a ``peft.LoraConfig``) replaces the file's ``adapter_config.json``, as
+    ``PeftModel.from_pretrained(..., config=...)`` does. The config's
+    ``task_type`` adds PEFT's per-task ``modules_to_save`` (SEQ_CLS/TOKEN_CLS:
+    ``classifier``, ``score``; QUESTION_ANS: ``qa_outputs``); entries that
+    match no module are tolerated, as PEFT does, but every tensor of the file
+    must find its module.
 
     Raises:
         FileNotFoundError / ValueError: missing files, corrupt or truncated
@@ -210,7 +219,14 @@ def load_adapter(
     """
     root = _unwrap(model)
     first = _state(root, required=False) is None
-    config, tensors = read_adapter(path)
+    if config is None:
+        config, tensors = read_adapter(path)
+    else:
+        config = LoraConfig.from_peft(config)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"lora_ext: adapter directory {path!r} does not exist")
+        tensors = _read_weights(path)
+    config = config.with_task_modules()
     factors, module_weights, rest = _split_keys(root, tensors, config)
     plain = _plain_param_targets(root, rest)
     _inject(
