@@ -71,12 +71,8 @@ def lora_linear_multi(
     """
     amp = ops.autocast_dtype_for(x)
     dtype = amp if amp is not None else (compute_dtype or weight.dtype)
-    if amp is None and compute_dtype is None and x.dtype != dtype:
-        # nn.Linear's (and PEFT's) rule: no silent conversion of the input outside autocast.
-        raise TypeError(
-            f"lora_ext: input x has dtype {x.dtype} but the layer's weight is {dtype}; "
-            "cast the input (or the model), or run under torch.autocast"
-        )
+    if compute_dtype is None:
+        check_input_dtype(x, dtype)
     # The fallback kernels run plain torch ops; under autocast those would be
     # re-cast to low precision, breaking the fp32-accumulation contract.
     guard = torch.autocast(x.device.type, enabled=False) if amp is not None else contextlib.nullcontext()
@@ -89,6 +85,15 @@ def lora_linear_multi(
             xd = F.dropout(xc, p_i, training=True) if p_i > 0 else xc
             y = y + F.linear(F.linear(xd, _cast(a_i, dtype)), _cast(b_i, dtype)) * s_i
     return y
+
+
+def check_input_dtype(x: Tensor, weight_dtype: torch.dtype) -> None:
+    """nn.Linear's (and PEFT's) rule: outside autocast, x must have the weight's dtype (no silent conversion)."""
+    if x.dtype != weight_dtype and ops.autocast_dtype_for(x) is None:
+        raise TypeError(
+            f"lora_ext: input x has dtype {x.dtype} but the layer's weight is {weight_dtype}; "
+            "cast the input (or the model), or run under torch.autocast"
+        )
 
 
 def base_layer_is_hooked(base: nn.Module) -> bool:
@@ -414,6 +419,7 @@ class LoraLinear(LoraLayer):
         return dict(zip(self.factor_keys, (self.lora_A[name].weight, self.lora_B[name].weight)))
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self._check_input(x)
         if self._disable_adapters or self.merged_adapters or args or kwargs:
             return self.base_layer(x, *args, **kwargs)
         active = [a for a in self._active_adapters if a in self.r]
@@ -432,6 +438,10 @@ class LoraLinear(LoraLayer):
         if base_layer_is_hooked(base):
             return add_lora_unfused(base(x), x, adapters)
         return self._fused_forward(x, adapters)
+
+    def _check_input(self, x: Tensor) -> None:
+        """The same TypeError on every path (fused, merged, disabled, hooked base) for a wrong input dtype (hook)."""
+        check_input_dtype(x, self.base_layer.weight.dtype)
 
     def _fused_forward(self, x: Tensor, adapters: list[tuple[Tensor, Tensor, float, float]]) -> Tensor:
         """Base layer and adapters in one fused call (hook: an NF4 base dequantizes inside the op)."""
@@ -463,6 +473,11 @@ class LoraLinearNF4(LoraLinear):
 
     def _check_base(self, base_layer: nn.Module) -> None:
         pass  # uint8 codes by design
+
+    def _check_input(self, x: Tensor) -> None:
+        # bitsandbytes' rule: a floating x is cast to the compute dtype; anything else is refused
+        if not x.is_floating_point():
+            raise TypeError(f"lora_ext: input x has dtype {x.dtype}; a LoRA NF4 layer needs a floating-point input")
 
     @property
     def _quantized(self) -> LinearNF4:
