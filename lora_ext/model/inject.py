@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import targets as _targets
+from ..integrations import trainer as _trainer
 from ..nn.dispatch import kind_of, wrap
 from ..nn.layers import LoraLayer, ModulesToSaveWrapper
 from .config import LoraConfig
@@ -264,6 +265,7 @@ def _inject(
         setattr(root, _STATE_ATTR, state)
         state.active = (adapter_name,)
         state.hook = root.register_forward_pre_hook(_refuse_adapter_names, with_kwargs=True)
+        _trainer.install(root)  # a transformers model: adapter-only save_pretrained (Trainer checkpoints)
     _apply_active(root, state.active)
     if adapter_name in state.active:
         _apply_bias_option(root, config, adapter_name)
@@ -532,6 +534,7 @@ def _drop_state(root: nn.Module) -> None:
     state = getattr(root, _STATE_ATTR)
     if state.hook is not None:
         state.hook.remove()
+    _trainer.uninstall(root)
     delattr(root, _STATE_ATTR)
 
 

@@ -28,7 +28,7 @@ from ..nn.layers import LoraLayer, ModulesToSaveWrapper
 from .config import LoraConfig
 from .inject import _inject, _state, _unwrap, _walk, lora_layers
 
-__all__ = ["load_adapter", "save_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["load_adapter", "restore_adapter", "save_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -37,6 +37,11 @@ _PREFIX = "base_model.model."
 
 
 def _adapter_state_dict(root: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in _adapter_tensors(root, adapter_name, config).items()}
+
+
+def _adapter_tensors(root: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, Tensor]:
+    """PEFT file key -> the model's own tensor (not detached, not copied)."""
     out: dict[str, Tensor] = {}
     for name, layer in lora_layers(root):
         if adapter_name not in layer.adapters:
@@ -61,7 +66,7 @@ def _adapter_state_dict(root: nn.Module, adapter_name: str, config: LoraConfig) 
         for name, layer in lora_layers(root):
             if adapter_name in layer.adapters and getattr(layer.base_layer, "bias", None) is not None:
                 out[f"{name}.base_layer.bias"] = layer.base_layer.bias
-    return {_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+    return {_PREFIX + k: v for k, v in out.items()}
 
 
 def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> None:
@@ -71,19 +76,52 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
     ``adapter_model.safetensors`` (PEFT key names, tensors in their training
     dtype). ``peft.PeftModel.from_pretrained(base_model, path)`` loads it.
     """
-    from safetensors.torch import save_file
-
     root = _unwrap(model)
     state = _state(root)
     if adapter_name not in state.configs:
         raise ValueError(f"lora_ext: unknown adapter {adapter_name!r}; the model has adapters {list(state.configs)}")
     config = state.configs[adapter_name]
     tensors = _adapter_state_dict(root, adapter_name, config)
+    _write_adapter(root, path, config, tensors)
+
+
+def _write_adapter(root: nn.Module, path: str, config: LoraConfig, tensors: dict[str, Tensor]) -> None:
+    from safetensors.torch import save_file
+
     name_or_path = getattr(getattr(root, "config", None), "_name_or_path", None) or None
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(config.to_peft_dict(name_or_path), f, indent=2, sort_keys=True)
+
+
+def restore_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> None:
+    """Copy the tensors of the adapter directory ``path`` into the existing adapter ``adapter_name``, in place.
+
+    For resuming training: the layers stay as they are (so an optimizer keeps its
+    parameters). The file must hold exactly the adapter's tensors, with the same
+    shapes; otherwise ``ValueError`` and nothing is changed.
+    """
+    root = _unwrap(model)
+    state = _state(root)
+    if adapter_name not in state.configs:
+        raise ValueError(f"lora_ext: unknown adapter {adapter_name!r}; the model has adapters {list(state.configs)}")
+    _, tensors = read_adapter(path)
+    live = _adapter_tensors(root, adapter_name, state.configs[adapter_name])
+    missing, extra = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
+    if missing or extra:
+        raise ValueError(
+            f"lora_ext: {path!r} does not hold adapter {adapter_name!r} of this model: "
+            f"missing {missing[:8]}, unexpected {extra[:8]}"
+        )
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(live[k].shape):
+            raise ValueError(
+                f"lora_ext: shape mismatch for {k}: the file has {list(v.shape)}, the model {list(live[k].shape)}"
+            )
+    with torch.no_grad():
+        for k, v in tensors.items():
+            live[k].copy_(v)
 
 
 def read_adapter(path: str) -> tuple[LoraConfig, dict[str, Tensor]]:
