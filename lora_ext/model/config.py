@@ -2,8 +2,8 @@
 
 The subset of ``peft.LoraConfig`` that the fused path implements. Unknown PEFT
 fields found in an ``adapter_config.json`` are accepted only when they hold
-their PEFT default (so a file that needs DoRA, ``lora_bias`` or
-``fan_in_fan_out`` is refused with a clear error instead of loading wrongly).
+their PEFT default (so a file that needs DoRA or ``lora_bias`` is refused
+with a clear error instead of loading wrongly).
 """
 
 from __future__ import annotations
@@ -23,14 +23,12 @@ _INIT_ONLY_FACTORS = ("eva", "orthogonal")
 # PEFT fields we do not implement, with the value that means "feature off".
 # A config file may carry them at these values (PEFT writes them all out).
 _PEFT_FIELDS_AT_DEFAULT: dict[str, Any] = {
-    "fan_in_fan_out": False,
     "use_dora": False,
     "lora_bias": False,
     "megatron_config": None,
     "layer_replication": None,
     "trainable_token_indices": None,
     "target_parameters": None,
-    "exclude_modules": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,
     "arrow_config": None,
@@ -96,6 +94,12 @@ class LoraConfig:
         rank_pattern: ``{regex: r}`` overriding ``r`` for modules whose name ends
             with a match of the regex.
         alpha_pattern: ``{regex: alpha}``, likewise for ``lora_alpha``.
+        exclude_modules: modules never adapted, matched as ``target_modules`` is
+            (a list: full name or ``"." + name`` suffix; a string: ``re.fullmatch``).
+        fan_in_fan_out: PEFT's flag for layers whose weight is stored ``[in, out]``.
+            As in PEFT it follows the layer type: set to True (with a warning)
+            when a transformers ``Conv1D`` (GPT-2) is targeted, to False when an
+            ``nn.Linear`` is; the stored config and the saved file carry the result.
     """
 
     r: int = 8
@@ -110,10 +114,14 @@ class LoraConfig:
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    exclude_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
         self.rank_pattern = dict(self.rank_pattern or {})
@@ -140,6 +148,13 @@ class LoraConfig:
                 raise ValueError("lora_ext: target_modules must not be an empty string")
         elif not isinstance(tm, list) or not tm or not all(isinstance(t, str) and t for t in tm):
             raise ValueError(f"lora_ext: target_modules must be a non-empty list of non-empty names, got {tm!r}")
+        ex = self.exclude_modules
+        if ex is not None and not (
+            (isinstance(ex, str) and ex) or (isinstance(ex, list) and all(isinstance(e, str) and e for e in ex))
+        ):
+            raise ValueError(f"lora_ext: exclude_modules must be a regex string or a list of module names, got {ex!r}")
+        if not isinstance(self.fan_in_fan_out, bool):
+            raise ValueError(f"lora_ext: fan_in_fan_out must be True or False, got {self.fan_in_fan_out!r}")
         init = self.init_lora_weights
         if not (isinstance(init, bool) or (isinstance(init, str) and init.lower() == "gaussian")):
             raise ValueError(f"lora_ext: init_lora_weights must be True, False or 'gaussian', got {init!r}")
@@ -203,7 +218,10 @@ class LoraConfig:
         }
         # Feature switches at "off", limited to fields that PEFT has had since 0.10, so
         # that older PEFT versions (which reject unknown fields) read the file too.
-        out.update({"fan_in_fan_out": False, "use_dora": False, "megatron_config": None, "layer_replication": None})
+        out.update({"use_dora": False, "megatron_config": None, "layer_replication": None})
+        out["fan_in_fan_out"] = self.fan_in_fan_out
+        if self.exclude_modules is not None:  # PEFT >= 0.14 knows this field; written only when it is used
+            out["exclude_modules"] = self.exclude_modules
         return out
 
     @classmethod

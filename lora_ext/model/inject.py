@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import targets as _targets
+from ..nn.conv import resolve_fan_in_fan_out
 from ..nn.dispatch import kind_of, wrap
 from ..nn.layers import LoraLayer, ModulesToSaveWrapper
 from .config import LoraConfig
@@ -219,8 +220,11 @@ def _inject(
     targets = []
     for name, module in matched:
         r, alpha = config.rank_and_alpha(name)
+        kind_of(module).validate(module, r)
         targets.append(_Target(name, module, r, alpha))
     mts = _targets.resolve_modules_to_save(candidates, config, {t.name for t in targets})
+    bases = [t.module.base_layer if isinstance(t.module, LoraLayer) else t.module for t in targets]
+    fan_in_fan_out = resolve_fan_in_fan_out(config.fan_in_fan_out, bases)
     if weights is not None:
         _check_weights(targets, weights)
     if module_weights is not None:
@@ -261,7 +265,7 @@ def _inject(
         if module_weights is not None:
             wrapper.modules_to_save[adapter_name].load_state_dict(module_weights[name])
 
-    stored = dataclasses.replace(config, target_modules=resolved_tm)
+    stored = dataclasses.replace(config, target_modules=resolved_tm, fan_in_fan_out=fan_in_fan_out)
     state.configs[adapter_name] = stored
     if first:
         setattr(root, _STATE_ATTR, state)
@@ -476,6 +480,8 @@ def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
         warnings.warn("lora_ext: the model is already merged; nothing to do", stacklevel=2)
         return
     _check_tied(layers)
+    for _, layer in layers:
+        layer.check_mergeable()
     if safe_merge:
         with torch.no_grad():
             for name, layer in layers:
