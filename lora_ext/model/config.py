@@ -73,9 +73,10 @@ class LoraConfig:
         target_modules: which modules get LoRA. A list of names, each matching a
             module whose full name equals it or ends with ``"." + name``; a
             string, matched as a regex against the full module name
-            (``re.fullmatch``); or ``"all-linear"`` (every ``nn.Linear`` except the
-            model's output head). Only ``nn.Linear`` and ``nn.Embedding`` can be
-            adapted.
+            (``re.fullmatch``); or ``"all-linear"`` (every ``nn.Linear`` and
+            transformers ``Conv1D`` except the model's output head). The layer
+            types that can be adapted are those of lora_ext/nn/dispatch.py
+            (``nn.Linear``, ``nn.Embedding``, ``Conv1D``, ``nn.Conv1d/2d/3d``).
         lora_dropout: dropout probability on the LoRA branch input of Linear
             layers (training mode only). Embedding LoRA has no dropout, as in PEFT.
         bias: ``"none"``, ``"all"`` (every bias in the model trains) or
