@@ -12,6 +12,7 @@ from conftest import assert_rule
 from model_helpers import (
     assert_close_dicts,
     assert_unchanged,
+    copy_state,
     lora_grads,
     peft_twin,
     randomize_lora,
@@ -153,6 +154,32 @@ def test_conv1d_fused_call_gets_a_transposed_view(monkeypatch):
     monkeypatch.setattr(lora_ext.ops, "lora_linear", spy)
     layer(torch.randn(2, 5, 32))
     assert seen and seen[0].data_ptr() == layer.base_layer.weight.data_ptr() and seen[0].shape == (96, 32)
+
+
+@pytest.mark.parametrize("strategy", [0, 1, 2], ids=["auto", "shrink_expand", "merge"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_op_on_a_transposed_weight(dtype, strategy):
+    """The op as LoraConv1D calls it (W = Conv1D.weight.t(), column-major): opcheck, and the same
+    output and gradients as on a contiguous copy of W."""
+    g = torch.Generator().manual_seed(5)
+    m, k, n, r = 13, 37, 29, 3
+    w_t = (torch.randn(k, n, generator=g) / k**0.5).to(dtype).t()  # [N, K] view of a [K, N] tensor
+    assert not w_t.is_contiguous()
+    x = torch.randn(m, k, generator=g).to(dtype)
+    a = (torch.randn(r, k, generator=g) / k**0.5).to(dtype)
+    b = (torch.randn(n, r, generator=g) / r**0.5).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    op = torch.ops.lora_ext.lora_linear.default
+    args = (x.requires_grad_(True), w_t, bias, a.requires_grad_(True), b.requires_grad_(True), 0.7, 0.0, None, strategy)
+    torch.library.opcheck(op, args)
+    outs = []
+    for w in (w_t, w_t.contiguous()):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, b)]
+        y = op(leaves[0], w, bias, leaves[1], leaves[2], 0.7, 0.0, None, strategy)
+        y.backward(torch.ones_like(y))
+        outs.append([y.detach(), *(t.grad for t in leaves)])
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -306,6 +333,44 @@ def test_cnn_matches_peft(case):
     ours, pm = _pair(tiny_cnn(), CNN_CASES[case])
     x = _images()
     _check_same_as_peft(ours, pm, lambda m: m(x), lambda m: m(x))
+
+
+def test_cnn_files_both_ways(tmp_path):
+    base = tiny_cnn()
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["stem", "grouped", "seq", "vol"], init_lora_weights=False)
+    x = _images()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    randomize_lora(pm, seed=3)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    ours = lora_ext.load_adapter(copy.deepcopy(base), str(tmp_path / "peft"))
+    with torch.no_grad():
+        y_peft = pm(x)
+        torch.testing.assert_close(ours(x), y_peft, rtol=1e-5, atol=1e-6)
+    lora_ext.save_adapter(ours, str(tmp_path / "ours"))
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), y_peft, rtol=1e-5, atol=1e-6)
+
+
+def test_two_active_adapters_match_peft():
+    base = tiny_gpt2()
+    ours = copy.deepcopy(base)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
+    lora_ext.inject_adapter(ours, lora_ext.LoraConfig(**cfg), "a")
+    lora_ext.inject_adapter(ours, lora_ext.LoraConfig(**dict(cfg, r=2)), "b")
+    randomize_lora(ours, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg), adapter_name="a")
+        pm.add_adapter("b", peft.LoraConfig(**dict(cfg, r=2)))
+    pm.eval()
+    copy_state(ours, pm.base_model.model)
+    lora_ext.set_adapter(ours, ["a", "b"])
+    pm.base_model.set_adapter(["a", "b"])
+    ids = _ids()
+    _check_same_as_peft(ours, pm, lambda m: m(ids).logits, lambda m: m(input_ids=ids).logits)
 
 
 def test_cnn_bf16_within_rounding_of_float64():
