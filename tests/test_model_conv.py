@@ -304,6 +304,25 @@ def test_exclude_modules_selects_what_peft_selects(target_modules, exclude_modul
     assert _adapted(ours) and _adapted(ours) == _adapted(pm)
 
 
+def test_exclude_modules_files_both_ways(tmp_path):
+    base = tiny_gpt2()
+    kwargs = dict(r=4, target_modules=["c_attn", "c_fc"], exclude_modules=["h.1.mlp.c_fc"], init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    randomize_lora(pm, seed=4)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    ours = lora_ext.load_adapter(copy.deepcopy(base), str(tmp_path / "peft"))
+    assert _adapted(ours) == _adapted(pm) and "transformer.h.1.mlp.c_fc" not in _adapted(ours)
+    lora_ext.save_adapter(ours, str(tmp_path / "ours"))
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["exclude_modules"] == ["h.1.mlp.c_fc"]
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    assert _adapted(again) == _adapted(pm)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, pm(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
 def test_exclude_modules_everything_or_nothing():
     model = tiny_gpt2()
     snap = snapshot(model)

@@ -82,6 +82,18 @@ def test_llama_combinations_equal_peft(combo):
         torch.testing.assert_close(ours(ids).logits, pm(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("combo", ["cat", "svd"])
+def test_rank_pattern_sources_equal_peft(combo):
+    """Per-layer ranks below the config's largest: cat pads with zeros, svd truncates, as PEFT."""
+    a = dict(LLAMA_A, rank_pattern={"v_proj": 2})
+    b = dict(LLAMA_B, rank_pattern={r"layers\.0\.self_attn\.q_proj": 3}, alpha_pattern={"o_proj": 5})
+    ours, pm = _twins(tiny_llama(), {"a": a, "b": b})
+    lora_ext.add_weighted_adapter(ours, ["a", "b"], [1.5, 0.25], "mix", combination_type=combo)
+    pm.add_weighted_adapter(["a", "b"], [1.5, 0.25], "mix", combination_type=combo)
+    _assert_same_adapter(ours, pm, "mix")
+    assert ours._lora_ext_state.configs["mix"].r == (4 + 3 if combo == "cat" else 4)
+
+
 def test_cat_and_svd_reproduce_the_weighted_sum_of_updates():
     """cat is exact: the new update is Σ w_i s_i B_i A_i; svd at full rank too (within fp32 rounding)."""
     ours, _ = _twins(tiny_llama(), {"a": LLAMA_A, "b": LLAMA_B})

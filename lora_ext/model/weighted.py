@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from numbers import Real
 
 import torch
@@ -102,7 +103,9 @@ def add_weighted_adapter(
         rank_pattern={},
     )
     candidates = list(_walk(root))
-    matched, _ = _targets.resolve_targets(root, candidates, new_config, False, kind_of)
+    with warnings.catch_warnings():  # _inject below resolves the same targets again and warns once
+        warnings.simplefilter("ignore")
+        matched, _ = _targets.resolve_targets(root, candidates, new_config, False, kind_of)
 
     factors: dict[str, dict[str, Tensor]] = {}
     same_dtype_as_base = True
