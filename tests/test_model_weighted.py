@@ -7,8 +7,7 @@ import warnings
 
 import pytest
 import torch
-from model_helpers import assert_unchanged, copy_state, randomize_lora, snapshot, tiny_llama
-from test_model_conv import tiny_cnn, tiny_gpt2
+from model_helpers import assert_unchanged, copy_state, randomize_lora, snapshot, tiny_cnn, tiny_gpt2, tiny_llama
 
 import lora_ext
 
