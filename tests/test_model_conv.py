@@ -201,6 +201,30 @@ def test_gradcheck_conv_layers_float64():
         assert torch.autograd.gradcheck(fn, (x, *params))
 
 
+def test_hooked_conv1d_base_runs_its_hooks():
+    """A base layer with hooks (accelerate offload) is called as a module; the LoRA branch is added unfused."""
+    ours, pm = _pair(tiny_gpt2(), dict(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    calls = []
+    layer = ours.transformer.h[0].attn.c_attn
+    layer.base_layer.register_forward_hook(lambda *_: calls.append(1))
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, pm(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    assert calls == [1]
+
+
+def test_delete_and_unload_give_the_base_layers_back():
+    model = tiny_gpt2()
+    lora_ext.inject_adapter(model, lora_ext.LoraConfig(target_modules=["c_attn"]), "a")
+    lora_ext.inject_adapter(model, lora_ext.LoraConfig(target_modules=["c_fc"]), "b")
+    lora_ext.delete_adapter(model, "a")
+    assert type(model.transformer.h[0].attn.c_attn) is Conv1D
+    assert isinstance(model.transformer.h[0].mlp.c_fc, LoraConv1D)
+    cnn = lora_ext.inject_adapter(tiny_cnn(), lora_ext.LoraConfig(target_modules=["stem", "seq", "vol"]))
+    lora_ext.unload(cnn)
+    assert type(cnn.stem) is nn.Conv2d and type(cnn.seq) is nn.Conv1d and type(cnn.vol) is nn.Conv3d
+
+
 def test_gpt2_files_both_ways(tmp_path):
     base = tiny_gpt2()
     kwargs = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
@@ -212,9 +236,13 @@ def test_gpt2_files_both_ways(tmp_path):
     randomize_lora(pm, seed=2)
     pm.save_pretrained(str(tmp_path / "peft"))
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
-    ours = lora_ext.load_adapter(copy.deepcopy(base), str(tmp_path / "peft"))
+    ours = lora_ext.load_adapter(copy.deepcopy(base), str(tmp_path / "peft"), is_trainable=True)
     y_peft = pm(input_ids=ids).logits
-    torch.testing.assert_close(ours(ids).logits, y_peft, rtol=1e-5, atol=1e-6)
+    y_ours = ours(ids).logits
+    torch.testing.assert_close(y_ours, y_peft, rtol=1e-5, atol=1e-6)
+    (y_ours**2).mean().backward()
+    (y_peft**2).mean().backward()
+    assert_close_dicts(lora_grads(ours), lora_grads(pm), rtol=1e-4, atol=1e-6)
     # lora_ext saves -> PEFT loads
     lora_ext.save_adapter(ours, str(tmp_path / "ours"))
     saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
