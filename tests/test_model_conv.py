@@ -492,3 +492,35 @@ def test_all_linear_on_a_model_without_linear_layers():
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
     with pytest.raises(ValueError, match=r"no linear layer \(nn.Linear or transformers Conv1D\)"):
         lora_ext.inject_adapter(model, lora_ext.LoraConfig(target_modules="all-linear"))
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_device_gpt2_and_cnn_match_peft(device, dtype):
+    """Per device: the fused op on Conv1D's transposed weight and the conv layers, against PEFT and float64."""
+    ids = _ids().to(device)
+    images = _images().to(device)
+    for base, targets in ((tiny_gpt2(), "all-linear"), (tiny_cnn(), ["stem", "point", "seq", "vol"])):
+        gpt = targets == "all-linear"
+
+        def run(m, gpt=gpt):
+            if gpt:
+                return m(ids).logits
+            w = next(m.parameters())
+            return m(images.to(w.dtype))
+
+        base = base.to(device, dtype)
+        ours, pm = _pair(base, dict(r=4, lora_alpha=8, target_modules=targets))
+        ref = copy.deepcopy(ours).double()
+        with torch.no_grad():
+            y, y_peft, y64 = run(ours), run(pm), run(ref)
+            if dtype == torch.float32:
+                torch.testing.assert_close(y, y_peft, rtol=1e-4, atol=1e-4)
+            else:
+                assert_rule(f"{device} {type(base).__name__}", y, y64, y_peft, dtype)
+            lora_ext.merge_adapter(ours)
+            tol = 1e-4 if dtype == torch.float32 else 5e-2
+            torch.testing.assert_close(run(ours).float(), y.float(), rtol=tol, atol=tol)
