@@ -56,7 +56,7 @@ def test_unsupported_module_type(model):
     _expect(
         model,
         ValueError,
-        r"input_layernorm.*LlamaRMSNorm.*only nn.Linear and nn.Embedding",
+        r"input_layernorm.*LlamaRMSNorm.*LoRA layers exist for nn.Linear, nn.Embedding",
         lora_ext.inject_adapter,
         model,
         cfg,

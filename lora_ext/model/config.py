@@ -44,8 +44,6 @@ _LOAD_WITH_PEFT = "load the model with peft and call lora_ext.integrations.peft.
 # implements one deletes its row here and handles the field.
 PENDING_FEATURES: dict[str, tuple[Any, str]] = {
     "use_dora": (False, "DoRA is not implemented by the fused path yet"),
-    "fan_in_fan_out": (False, "Conv1D-style (transposed) base weights are not supported yet"),
-    "exclude_modules": (None, "exclude_modules is not supported yet; list the wanted modules in target_modules"),
 }
 
 # ---- Feature fields the fused path does not implement: refused unless off.
@@ -125,9 +123,10 @@ class LoraConfig:
         target_modules: which modules get LoRA. A list of names, each matching a
             module whose full name equals it or ends with ``"." + name``; a
             string, matched as a regex against the full module name
-            (``re.fullmatch``); or ``"all-linear"`` (every ``nn.Linear`` except the
-            model's output head). Only ``nn.Linear`` and ``nn.Embedding`` can be
-            adapted.
+            (``re.fullmatch``); or ``"all-linear"`` (every ``nn.Linear`` and
+            transformers ``Conv1D`` except the model's output head). The layer
+            types that can be adapted are those of lora_ext/nn/dispatch.py
+            (``nn.Linear``, ``nn.Embedding``, ``Conv1D``, ``nn.Conv1d/2d/3d``).
         lora_dropout: dropout probability on the LoRA branch input of Linear
             layers (training mode only). Embedding LoRA has no dropout, as in PEFT.
         bias: ``"none"``, ``"all"`` (every bias in the model trains) or
@@ -146,6 +145,12 @@ class LoraConfig:
         rank_pattern: ``{regex: r}`` overriding ``r`` for modules whose name ends
             with a match of the regex.
         alpha_pattern: ``{regex: alpha}``, likewise for ``lora_alpha``.
+        exclude_modules: modules never adapted, matched as ``target_modules`` is
+            (a list: full name or ``"." + name`` suffix; a string: ``re.fullmatch``).
+        fan_in_fan_out: PEFT's flag for layers whose weight is stored ``[in, out]``.
+            As in PEFT it follows the layer type: set to True (with a warning)
+            when a transformers ``Conv1D`` (GPT-2) is targeted, to False when an
+            ``nn.Linear`` is; the stored config and the saved file carry the result.
     """
 
     r: int = 8
@@ -174,9 +179,9 @@ class LoraConfig:
     eva_config: dict | None = None
     corda_config: dict | None = None
     lora_ga_config: dict | None = None
-    # ---- refused unless off (PENDING_FEATURES, UNSUPPORTED_FEATURES)
     exclude_modules: list[str] | str | None = None
     fan_in_fan_out: bool = False
+    # ---- refused unless off (PENDING_FEATURES, UNSUPPORTED_FEATURES)
     use_dora: bool = False
     lora_bias: bool = False
     megatron_config: dict | None = None
@@ -245,6 +250,13 @@ class LoraConfig:
                 raise ValueError("lora_ext: target_modules must not be an empty string")
         elif not isinstance(tm, list) or not tm or not all(isinstance(t, str) and t for t in tm):
             raise ValueError(f"lora_ext: target_modules must be a non-empty list of non-empty names, got {tm!r}")
+        ex = self.exclude_modules
+        if ex is not None and not (
+            (isinstance(ex, str) and ex) or (isinstance(ex, list) and all(isinstance(e, str) and e for e in ex))
+        ):
+            raise ValueError(f"lora_ext: exclude_modules must be a regex string or a list of module names, got {ex!r}")
+        if not isinstance(self.fan_in_fan_out, bool):
+            raise ValueError(f"lora_ext: fan_in_fan_out must be True or False, got {self.fan_in_fan_out!r}")
         init = self.init_lora_weights
         if not (isinstance(init, bool) or (isinstance(init, str) and init.lower() == "gaussian")):
             raise ValueError(f"lora_ext: init_lora_weights must be True, False or 'gaussian', got {init!r}")

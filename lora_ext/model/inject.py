@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .. import targets as _targets
 from ..integrations import trainer as _trainer
+from ..nn.conv import resolve_fan_in_fan_out
 from ..nn.dispatch import kind_of, wrap
 from ..nn.layers import LoraLayer, ModulesToSaveWrapper
 from .config import LoraConfig
@@ -213,12 +214,15 @@ def _inject(
     targets = []
     for name, module in matched:
         r, alpha = config.rank_and_alpha(name)
+        kind_of(module).validate(module, r)
         targets.append(_Target(name, module, r, alpha))
     # PEFT never refuses a modules_to_save entry that matches nothing; we do for the user's own
     # entries of inject_adapter (a typo must not be ignored), not for those a task type adds nor
     # for a file's (load_adapter), whose tensors are checked instead.
     tolerated = config.task_modules_to_save() if strict else (config.modules_to_save or [])
     mts = _targets.resolve_modules_to_save(candidates, config, {t.name for t in targets}, tolerated)
+    bases = [t.module.base_layer if isinstance(t.module, LoraLayer) else t.module for t in targets]
+    fan_in_fan_out = resolve_fan_in_fan_out(config.fan_in_fan_out, bases)
     if weights is not None:
         _check_weights(targets, weights)
     if module_weights is not None:
@@ -259,7 +263,7 @@ def _inject(
         if module_weights is not None:
             wrapper.modules_to_save[adapter_name].load_state_dict(module_weights[name])
 
-    stored = dataclasses.replace(config, target_modules=resolved_tm)
+    stored = dataclasses.replace(config, target_modules=resolved_tm, fan_in_fan_out=fan_in_fan_out)
     state.configs[adapter_name] = stored
     if first:
         setattr(root, _STATE_ATTR, state)
@@ -475,6 +479,8 @@ def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
         warnings.warn("lora_ext: the model is already merged; nothing to do", stacklevel=2)
         return
     _check_tied(layers)
+    for _, layer in layers:
+        layer.check_mergeable()
     if safe_merge:
         with torch.no_grad():
             for name, layer in layers:

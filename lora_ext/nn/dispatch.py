@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..quant.linear import LinearNF4
+from .conv import Conv1D, LoraConv1D, LoraConv1d, LoraConv2d, LoraConv3d, check_conv_rank
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, LoraLinearNF4
 
 
@@ -21,12 +22,18 @@ from .layers import LoraEmbedding, LoraLayer, LoraLinear, LoraLinearNF4
 class LayerKind:
     """One row of the table."""
 
-    name: str  # "linear" | "embedding": the family of the adapter tensors
+    name: str  # "linear" | "embedding" | "conv": the family of the adapter tensors
     base_type: type[nn.Module]  # the frozen layer type that gets wrapped (isinstance)
     lora_class: type[LoraLayer]  # the LoRA layer that wraps it
-    factor_shapes: Callable[[nn.Module, int], tuple[tuple[int, int], tuple[int, int]]]  # (base, r) -> shapes
-    linear: bool  # selected by target_modules="all-linear"
+    factor_shapes: Callable[[nn.Module, int], tuple[tuple[int, ...], tuple[int, ...]]]  # (base, r) -> shapes
+    linear: bool  # selected by target_modules="all-linear" (nn.Linear and Conv1D, as PEFT)
     float_weight: bool = True  # the base weight must be floating point (not for NF4 codes)
+    check_rank: Callable[[nn.Module, int], None] | None = None  # (base, r) -> None, raises ValueError
+
+    def validate(self, module: nn.Module, r: int) -> None:
+        """Raise ``ValueError`` if ``module`` cannot take an adapter of rank ``r`` (before anything changes)."""
+        if self.check_rank is not None:
+            self.check_rank(module.base_layer if isinstance(module, LoraLayer) else module, r)
 
     @property
     def factor_keys(self) -> tuple[str, ...]:
@@ -39,7 +46,7 @@ class LayerKind:
             return True
         return module.weight.is_floating_point()
 
-    def shapes(self, module: nn.Module, r: int) -> dict[str, tuple[int, int]]:
+    def shapes(self, module: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
         """Expected shapes of the adapter tensors of rank ``r``, by PEFT key suffix."""
         base = module.base_layer if isinstance(module, LoraLayer) else module
         return dict(zip(self.factor_keys, self.factor_shapes(base, r)))
@@ -53,11 +60,28 @@ def _embedding_shapes(base: nn.Module, r: int):
     return (r, base.num_embeddings), (base.embedding_dim, r)
 
 
+def _conv1d_transposed_shapes(base: nn.Module, r: int):  # transformers' Conv1D: weight [nx, nf] = [in, out]
+    return (r, base.nx), (base.nf, r)
+
+
+def _conv_shapes(base: nn.Module, r: int):  # A: base kernel, B: 1x1 grouped
+    ones = (1,) * len(base.kernel_size)
+    return (r, base.in_channels, *base.kernel_size), (base.out_channels, r // base.groups, *ones)
+
+
+def _conv_rank(base: nn.Module, r: int) -> None:
+    check_conv_rank(base.groups, r)
+
+
 #: Rows are tried in order; the first whose base type (or LoRA class) matches wins.
 LAYER_TABLE: tuple[LayerKind, ...] = (
     LayerKind("linear", LinearNF4, LoraLinearNF4, _linear_shapes, linear=True, float_weight=False),
+    LayerKind("linear", Conv1D, LoraConv1D, _conv1d_transposed_shapes, linear=True),
     LayerKind("linear", nn.Linear, LoraLinear, _linear_shapes, linear=True),
     LayerKind("embedding", nn.Embedding, LoraEmbedding, _embedding_shapes, linear=False),
+    LayerKind("conv", nn.Conv1d, LoraConv1d, _conv_shapes, linear=False, check_rank=_conv_rank),
+    LayerKind("conv", nn.Conv2d, LoraConv2d, _conv_shapes, linear=False, check_rank=_conv_rank),
+    LayerKind("conv", nn.Conv3d, LoraConv3d, _conv_shapes, linear=False, check_rank=_conv_rank),
 )
 
 #: Every adapter-tensor suffix of the table (for splitting a state dict into adapters and the rest).

@@ -284,6 +284,9 @@ class LoraLayer(nn.Module):
             w = _merged(w, *self.delta_factors(name), self.scaling[name])
         return w
 
+    def check_mergeable(self) -> None:
+        """Raise ``ValueError`` if this layer's adapters cannot be merged into its base (hook)."""
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the active (or given) adapters into the base weight, fp32 accumulation, one rounding.
 
