@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..quant.linear import LinearNF4
+from .bnb import LoraLinear4bit, check_linear4bit, is_bnb_linear4bit
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, LoraLinearNF4
 
 
@@ -27,6 +28,12 @@ class LayerKind:
     factor_shapes: Callable[[nn.Module, int], tuple[tuple[int, int], tuple[int, int]]]  # (base, r) -> shapes
     linear: bool  # selected by target_modules="all-linear"
     float_weight: bool = True  # the base weight must be floating point (not for NF4 codes)
+    match: Callable[[nn.Module], bool] | None = None  # replaces isinstance(module, base_type) (lazy imports)
+    check: Callable[[nn.Module], None] | None = None  # raises a clear error for a matched layer that cannot take LoRA
+
+    def matches(self, module: nn.Module) -> bool:
+        """``module`` is a base layer of this row."""
+        return self.match(module) if self.match is not None else isinstance(module, self.base_type)
 
     @property
     def factor_keys(self) -> tuple[str, ...]:
@@ -35,7 +42,11 @@ class LayerKind:
 
     def adaptable(self, module: nn.Module) -> bool:
         """``module`` can take LoRA (an existing LoRA layer always can)."""
-        if isinstance(module, LoraLayer) or not self.float_weight:
+        if isinstance(module, LoraLayer):
+            return True
+        if self.check is not None:
+            self.check(module)  # before anything is mutated
+        if not self.float_weight:
             return True
         return module.weight.is_floating_point()
 
@@ -56,6 +67,17 @@ def _embedding_shapes(base: nn.Module, r: int):
 #: Rows are tried in order; the first whose base type (or LoRA class) matches wins.
 LAYER_TABLE: tuple[LayerKind, ...] = (
     LayerKind("linear", LinearNF4, LoraLinearNF4, _linear_shapes, linear=True, float_weight=False),
+    # bitsandbytes' Linear4bit subclasses nn.Linear (uint8 weight): its row comes first
+    LayerKind(
+        "linear",
+        nn.Linear,
+        LoraLinear4bit,
+        _linear_shapes,
+        linear=True,
+        float_weight=False,
+        match=is_bnb_linear4bit,
+        check=check_linear4bit,
+    ),  # fmt: skip
     LayerKind("linear", nn.Linear, LoraLinear, _linear_shapes, linear=True),
     LayerKind("embedding", nn.Embedding, LoraEmbedding, _embedding_shapes, linear=False),
 )
@@ -75,7 +97,7 @@ def kind_of(module: nn.Module) -> LayerKind | None:
                 return row
         return None
     for row in LAYER_TABLE:
-        if isinstance(module, row.base_type):
+        if row.matches(module):
             return row
     return None
 
