@@ -167,6 +167,33 @@ def test_layer_forward_backward_equals_peft(quant_type, double_quant, compute_dt
         assert_rule(name, got, r64, rb16.float(), torch.float32)
 
 
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)], ids=["nf4-dq", "fp4"])
+@pytest.mark.parametrize("n,k", [(37, 96), (5, 200)], ids=str)
+def test_odd_shapes_and_strided_input_equal_peft(quant_type, double_quant, n, k):
+    """Blocks that straddle rows, M that misses every tile, a non-contiguous x, two active adapters."""
+    base = Holder(layer_case(quant_type, double_quant, torch.float32, n, k))
+    cfg = dict(r=5, lora_alpha=7, target_modules=["proj"], init_lora_weights=False)
+    ours = lora_ext.inject_adapter(copy.deepcopy(base), lora_ext.LoraConfig(**cfg))
+    lora_ext.inject_adapter(ours, lora_ext.LoraConfig(**{**cfg, "r": 3}), "second")
+    lora_ext.set_adapter(ours, ["default", "second"])
+    ref = peft_model(base, **cfg)
+    ref.add_adapter("second", peft.LoraConfig(**{**cfg, "r": 3}))
+    ref.base_model.set_adapter(["default", "second"])
+    randomize_lora(ours, std=0.2)
+    copy_state(ours, ref.base_model.model)
+    x = torch.randn(k, 13, generator=torch.Generator().manual_seed(3)).t()  # [13, k], strided
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    y, y_ref = ours(xs[0]), ref(xs[1])
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
+    g, g_ref = lora_grads(ours), lora_grads(ref)
+    assert len(g) == 4
+    for key in g:
+        torch.testing.assert_close(g[key], g_ref[key], rtol=1e-5, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+
+
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
 def test_nf4_forward_reads_bitsandbytes_storage_in_place(double_quant, monkeypatch):
     """The fused NF4 op gets the Params4bit codes and the quant_state tensors themselves (no copy)."""
@@ -292,6 +319,10 @@ def test_merge_and_unload_runs_in_model_dtype(quant_type, double_quant, compute_
     """An fp32 model of 4-bit layers computing in bf16 gets fp32 nn.Linear layers back; merged output
     equals unmerged within the compute dtype's rounding (tolerance rule against float64)."""
     model = inject(_quantized_llama(quant_type, double_quant, compute_dtype), r=4, lora_alpha=8)
+    check_merge_and_unload(model, compute_dtype)
+
+
+def check_merge_and_unload(model, compute_dtype):
     randomize_lora(model, std=0.2)
     ids = llama_ids(seed=6)
     ref64 = _float64_merged_reference(model)
@@ -312,6 +343,33 @@ def test_merge_and_unload_runs_in_model_dtype(quant_type, double_quant, compute_
     # and the unmerged (4-bit) model itself against float64: the compute dtype's rounding, not more
     scale = y64.abs().max().item()
     assert err_unmerged <= (4e-2 if compute_dtype == torch.bfloat16 else 1e-4) * scale
+
+
+@pytest.mark.slow
+def test_transformers_load_in_4bit_model(tmp_path):
+    """The model transformers builds for BitsAndBytesConfig(load_in_4bit=True): inject, equal to PEFT,
+    and merge_and_unload of an fp32 model computing in bf16 gives fp32 layers."""
+    transformers = pytest.importorskip("transformers")
+    tiny_llama().save_pretrained(tmp_path)
+
+    def load(compute_dtype):
+        cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)  # fmt: skip
+        with torch._dynamo.config.patch(disable=True):
+            return transformers.AutoModelForCausalLM.from_pretrained(
+                tmp_path, quantization_config=cfg, device_map="cpu", dtype=torch.float32
+            )
+
+    base = load(torch.float32)
+    ours = inject(copy.deepcopy(base), r=4, lora_alpha=8)
+    assert sum(isinstance(m, LoraLinear4bit) for m in ours.modules()) == 14
+    randomize_lora(ours, std=0.2)
+    ref = peft_model(base).train()
+    copy_state(ours, ref.base_model.model)
+    ours.train()
+    ids = llama_ids(seed=9)
+    torch.testing.assert_close(ours(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-5)
+    check_merge_and_unload(inject(load(torch.bfloat16), r=4, lora_alpha=8), torch.bfloat16)
 
 
 def test_merge_unmerge_restores_the_4bit_layer():
@@ -390,6 +448,12 @@ def test_bitsandbytes_repacked_weight():
     with pytest.raises(ValueError, match="repacked"):
         layer.merge()
     assert not layer.merged and layer.base_layer is base
+    # through the model API: refused before any layer is merged
+    model = nn.Sequential(layer_case("nf4", True, torch.float32), nn.ReLU(), copy.deepcopy(base))
+    lora_ext.inject_adapter(model, lora_ext.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
+    with pytest.raises(ValueError, match="cannot merge into '2'"):
+        lora_ext.merge_adapter(model)
+    assert not model[0].merged and is_bnb_linear4bit(model[0].base_layer)
 
 
 def test_lora_ext_imports_without_bitsandbytes():

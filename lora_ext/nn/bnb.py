@@ -174,15 +174,20 @@ class LoraLinear4bit(LoraLinear):
             nested_absmax, nested_code, offset, nested_blocksize, offset_float,
         )  # fmt: skip
 
+    def check_mergeable(self, name: str | None = None) -> None:
+        """Raise ValueError if the 4-bit weight cannot be read for a merge (merge_adapter asks every layer first)."""
+        if self._repacked():
+            raise ValueError(
+                f"lora_ext: cannot merge into {'this layer' if name is None else repr(name)}: its Linear4bit weight was repacked by bitsandbytes' CPU "
+                "inference path (quant_state.packing_format_for_cpu, after running the layer in eval mode without "
+                "gradients); lora_ext reads only bitsandbytes' standard layout. Reload the 4-bit model; nothing was "
+                "merged"
+            )
+
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The 4-bit base weight ``[N, K]`` in ``dtype`` (default: the quant_state dtype)."""
         dtype = dtype or self.quant_dtype
-        if self._repacked():
-            raise ValueError(
-                "lora_ext: this Linear4bit's weight was repacked by bitsandbytes' CPU inference path "
-                "(quant_state.packing_format_for_cpu); lora_ext reads only bitsandbytes' standard layout. Wrap the "
-                "layer before running it in eval mode without gradients, or reload it"
-            )
+        self.check_mergeable()
         if self.quant_type == "nf4":
             # bitsandbytes rounds the dequantized weight to the quant_state dtype before casting it
             return dequantize_nf4(self.nf4_weight(), self.quant_dtype).to(dtype)
