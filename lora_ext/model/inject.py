@@ -479,8 +479,8 @@ def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
         warnings.warn("lora_ext: the model is already merged; nothing to do", stacklevel=2)
         return
     _check_tied(layers)
-    for _, layer in layers:
-        layer.check_mergeable()
+    for name, layer in layers:  # a layer that cannot merge at all refuses before any layer changes
+        layer.check_mergeable(name)
     if safe_merge:
         with torch.no_grad():
             for name, layer in layers:

@@ -155,7 +155,7 @@ class LoraConvNd(LoraLayer):
 
     # ---- merging on the [out, in·k] matrix view of the weight
 
-    def check_mergeable(self) -> None:
+    def check_mergeable(self, name: str | None = None) -> None:
         groups = self.base_layer.groups
         if groups > 1:
             raise ValueError(

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..quant.linear import LinearNF4
 from .conv import Conv1D, LoraConv1D, LoraConv1d, LoraConv2d, LoraConv3d, check_conv_rank
+from .bnb import LoraLinear4bit, check_linear4bit, is_bnb_linear4bit
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, LoraLinearNF4
 
 
@@ -29,11 +30,17 @@ class LayerKind:
     linear: bool  # selected by target_modules="all-linear" (nn.Linear and Conv1D, as PEFT)
     float_weight: bool = True  # the base weight must be floating point (not for NF4 codes)
     check_rank: Callable[[nn.Module, int], None] | None = None  # (base, r) -> None, raises ValueError
+    match: Callable[[nn.Module], bool] | None = None  # replaces isinstance(module, base_type) (lazy imports)
+    check: Callable[[nn.Module], None] | None = None  # raises a clear error for a matched layer that cannot take LoRA
 
     def validate(self, module: nn.Module, r: int) -> None:
         """Raise ``ValueError`` if ``module`` cannot take an adapter of rank ``r`` (before anything changes)."""
         if self.check_rank is not None:
             self.check_rank(module.base_layer if isinstance(module, LoraLayer) else module, r)
+
+    def matches(self, module: nn.Module) -> bool:
+        """``module`` is a base layer of this row."""
+        return self.match(module) if self.match is not None else isinstance(module, self.base_type)
 
     @property
     def factor_keys(self) -> tuple[str, ...]:
@@ -42,7 +49,11 @@ class LayerKind:
 
     def adaptable(self, module: nn.Module) -> bool:
         """``module`` can take LoRA (an existing LoRA layer always can)."""
-        if isinstance(module, LoraLayer) or not self.float_weight:
+        if isinstance(module, LoraLayer):
+            return True
+        if self.check is not None:
+            self.check(module)  # before anything is mutated
+        if not self.float_weight:
             return True
         return module.weight.is_floating_point()
 
@@ -76,6 +87,17 @@ def _conv_rank(base: nn.Module, r: int) -> None:
 #: Rows are tried in order; the first whose base type (or LoRA class) matches wins.
 LAYER_TABLE: tuple[LayerKind, ...] = (
     LayerKind("linear", LinearNF4, LoraLinearNF4, _linear_shapes, linear=True, float_weight=False),
+    # bitsandbytes' Linear4bit subclasses nn.Linear (uint8 weight): its row comes first
+    LayerKind(
+        "linear",
+        nn.Linear,
+        LoraLinear4bit,
+        _linear_shapes,
+        linear=True,
+        float_weight=False,
+        match=is_bnb_linear4bit,
+        check=check_linear4bit,
+    ),  # fmt: skip
     LayerKind("linear", Conv1D, LoraConv1D, _conv1d_transposed_shapes, linear=True),
     LayerKind("linear", nn.Linear, LoraLinear, _linear_shapes, linear=True),
     LayerKind("embedding", nn.Embedding, LoraEmbedding, _embedding_shapes, linear=False),
@@ -99,7 +121,7 @@ def kind_of(module: nn.Module) -> LayerKind | None:
                 return row
         return None
     for row in LAYER_TABLE:
-        if isinstance(module, row.base_type):
+        if row.matches(module):
             return row
     return None
 

@@ -284,7 +284,7 @@ class LoraLayer(nn.Module):
             w = _merged(w, *self.delta_factors(name), self.scaling[name])
         return w
 
-    def check_mergeable(self) -> None:
+    def check_mergeable(self, name: str | None = None) -> None:
         """Raise ``ValueError`` if this layer's adapters cannot be merged into its base (hook)."""
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -462,9 +462,11 @@ class LoraLinearNF4(LoraLinear):
     output comes back in x's dtype.
 
     ``merge()`` cannot add into 4-bit losslessly: it swaps ``base_layer`` for an
-    ``nn.Linear`` holding the dequantized-and-merged weight in compute dtype
-    (so ``merge_and_unload`` returns plain ``nn.Linear`` layers), and
-    ``unmerge()`` puts the original NF4 layer back unchanged.
+    ``nn.Linear`` holding the dequantized-and-merged weight in the layer's original
+    dtype (``quant_dtype``, the dtype the weight had before quantization: an fp32
+    model whose NF4 layers compute in bf16 gets fp32 layers back), so
+    ``merge_and_unload`` returns plain ``nn.Linear`` layers that run in the
+    model's dtype; ``unmerge()`` puts the original NF4 layer back unchanged.
     """
 
     base_type = LinearNF4
@@ -504,8 +506,9 @@ class LoraLinearNF4(LoraLinear):
         return y if ops.autocast_dtype_for(x) is not None else y.to(x.dtype)
 
     def _unmerged_weight(self) -> Tensor:
+        # the original dtype, not the compute dtype: the merged layer runs among the model's other layers
         nf4 = self._quantized
-        return dequantize_nf4(nf4.nf4, nf4.compute_dtype or nf4.quant_dtype)
+        return dequantize_nf4(nf4.nf4, nf4.quant_dtype)
 
     def _merge_names(self, names: list[str], safe_merge: bool) -> None:
         with torch.no_grad():
