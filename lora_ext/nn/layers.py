@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..quant.linear import LinearNF4
 from ..quant.nf4 import NF4Weight, dequantize_nf4
+from . import mixed
 
 __all__ = ["LoraEmbedding", "LoraLayer", "LoraLinear", "LoraLinearNF4", "ModulesToSaveWrapper", "lora_linear_multi"]
 
@@ -117,6 +118,10 @@ class LoraLayer(nn.Module):
     # Names of the attributes that hold per-adapter trainable parameters (PEFT's names).
     adapter_layer_names: tuple[str, ...] = ()
     base_type: type[nn.Module] = nn.Module  # what the subclass wraps
+    # Mixed-adapter batches (lora_ext/nn/mixed.py): whether the layer routes rows to adapters, and
+    # the per-row adapter names the model-level hook sets for one forward (None otherwise).
+    supports_mixed_batch = False
+    _mixed_adapter_names: list[str] | None = None
     base_name = "a module"
 
     def __init__(
@@ -413,7 +418,11 @@ class LoraLinear(LoraLayer):
         """Adapter ``name``'s factors under PEFT's key suffixes."""
         return dict(zip(self.factor_keys, (self.lora_A[name].weight, self.lora_B[name].weight)))
 
+    supports_mixed_batch = True
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self._mixed_adapter_names is not None:
+            return mixed.linear_forward(self, x, self._mixed_adapter_names, *args, **kwargs)
         if self._disable_adapters or self.merged_adapters or args or kwargs:
             return self.base_layer(x, *args, **kwargs)
         active = [a for a in self._active_adapters if a in self.r]
@@ -456,6 +465,7 @@ class LoraLinearNF4(LoraLinear):
 
     base_type = LinearNF4
     base_name = "a LinearNF4"
+    supports_mixed_batch = False  # adapter_names raises for NF4 layers (not implemented)
 
     def __init__(self, base_layer: LinearNF4, *args: Any, **kwargs: Any) -> None:
         self._nf4_layer: LinearNF4 | None = None  # the NF4 layer while merged
@@ -587,7 +597,11 @@ class LoraEmbedding(LoraLayer):
         """Adapter ``name``'s factors under PEFT's key suffixes."""
         return dict(zip(self.factor_keys, (self.lora_embedding_A[name], self.lora_embedding_B[name])))
 
+    supports_mixed_batch = True
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self._mixed_adapter_names is not None:
+            return mixed.embedding_forward(self, x, self._mixed_adapter_names, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self._disable_adapters or self.merged_adapters:
             return result
