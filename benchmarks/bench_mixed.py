@@ -49,7 +49,7 @@ def _peft_layer(weight, factors: list[tuple[torch.Tensor, torch.Tensor]], alpha:
     import peft
 
     r = factors[0][0].shape[0]
-    for i, (a, b) in enumerate(factors[1:], start=1):
+    for i in range(1, len(factors)):
         layer.update_layer(f"a{i}", r, alpha, config=peft.LoraConfig(r=r, lora_alpha=alpha))
     layer = layer.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
