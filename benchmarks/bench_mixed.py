@@ -103,7 +103,10 @@ def bench_n(n: int, s: Settings) -> list[dict[str, Any]]:
     train = common.time_ops({m: common.train_step(fn, p, xs, gs) for m, (fn, p) in methods.items()}, s)
     label = "lora_ext" if lx.extension_loaded() else "lora_ext[fallback]"
     rows: list[dict[str, Any]] = []
-    for op, timings, pick in (("forward", fwd, lambda t: t.ms["forward"]), ("fwd+bwd", train, lambda t: sum(t.ms.values()))):
+    for op, timings, pick in (
+        ("forward", fwd, lambda t: t.ms["forward"]),
+        ("fwd+bwd", train, lambda t: sum(t.ms.values())),
+    ):
         dense_ms = pick(timings["dense"])
         peft_ms = pick(timings["peft"]) if "peft" in timings else None
         for m, t in timings.items():

@@ -220,8 +220,19 @@ def mixed_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
     order = {"base": 0, "dense": 1, "lora_ext": 2, "lora_ext[fallback]": 2, "peft": 3}
     rows = sorted(rows, key=lambda r: (r["n_adapters"], r["op"], order.get(r["method"], 9)))
     return headers, [
-        [f"{r['M']} ({r['rows']})", r["K"], r["N"], r["r"], r["n_adapters"], r["dtype"], r["method"], r["op"], r["ms"],
-         r["vs_dense"], r["vs_peft"]]  # fmt: skip
+        [
+            f"{r['M']} ({r['rows']})",
+            r["K"],
+            r["N"],
+            r["r"],
+            r["n_adapters"],
+            r["dtype"],
+            r["method"],
+            r["op"],
+            r["ms"],
+            r["vs_dense"],
+            r["vs_peft"],
+        ]  # fmt: skip
         for r in rows
     ]
 

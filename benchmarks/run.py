@@ -181,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    simple = {"percall": bench_percall, "merge": bench_merge, "nf4": bench_nf4, "mixed": bench_mixed}  # parts with run(s, progress)
+    simple = {
+        "percall": bench_percall,
+        "merge": bench_merge,
+        "nf4": bench_nf4,
+        "mixed": bench_mixed,
+    }  # parts with run(s, progress)
     total = sum(simple[p].jobs(s) for p in a.parts if p in simple)
     if "lora_linear" in a.parts:
         total += bench_lora_linear.jobs(shapes, s, methods)
