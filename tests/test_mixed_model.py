@@ -66,6 +66,31 @@ def test_eval_equals_peft():
     assert (got[0] - got[3]).abs().max() > 0 or torch.equal(ids[0], ids[3])
 
 
+def test_modules_to_save_rows_equal_peft():
+    """A modules_to_save lm_head: each row goes through its adapter's copy (the original for "__base__")."""
+    peft = pytest.importorskip("peft")
+    cfg_a = dict(CONFIG_A, modules_to_save=["lm_head"])
+    cfg_b = dict(CONFIG_B, modules_to_save=["lm_head"])  # (PEFT raises KeyError for an adapter without a copy)
+    ours = tiny_llama()
+    inject(ours, "a", seed=1, **cfg_a)
+    inject(ours, "b", seed=2, **cfg_b)
+    randomize_lora(ours, seed=3)
+    with torch.no_grad():  # the copies differ from the original and from each other
+        ours.lm_head.modules_to_save["a"].weight.mul_(1.5)
+        ours.lm_head.modules_to_save["b"].weight.mul_(0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**cfg_a), adapter_name="a")
+        pm.add_adapter("b", peft.LoraConfig(**cfg_b))
+    pm.eval()
+    copy_state(ours, pm.base_model.model)
+    ids = llama_ids(batch=len(NAMES), seq=5)
+    with torch.no_grad():
+        got = ours(ids, adapter_names=NAMES).logits
+        want = pm(input_ids=ids, adapter_names=NAMES).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_training_gradients_come_from_own_rows():
     """Training with adapter_names: the loss is a sum over independent rows, so adapter X's
     gradients must equal those of a forward of X's rows alone with X active."""
@@ -156,7 +181,8 @@ def test_layer_level_length_mismatch_raises():
 
 
 def test_layer_without_mixed_support_raises_naming_it():
-    """An NF4 LoRA layer has no mixed path: asking for its adapter raises and names the layer."""
+    """An NF4 LoRA layer has no mixed path: asking for its adapter raises and names the layer.
+    (A LayerNorm in modules_to_save likewise: PEFT's row-wise list is Linear, Embedding, Conv.)"""
     model = tiny_llama()
     lora_ext.quantize_model(model)
     inject(model, "a", r=4, lora_alpha=8, target_modules=["q_proj"])

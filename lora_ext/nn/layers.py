@@ -639,6 +639,12 @@ class ModulesToSaveWrapper(nn.Module):
     copy used while that adapter is active and adapters are enabled.
     """
 
+    _mixed_adapter_names: list[str] | None = None  # set for one forward by adapter_names (lora_ext/nn/mixed.py)
+
+    @property
+    def supports_mixed_batch(self) -> bool:
+        return isinstance(self.original_module, mixed.ROW_WISE_MODULES)
+
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.original_module = module
@@ -674,6 +680,10 @@ class ModulesToSaveWrapper(nn.Module):
         return self.original_module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._mixed_adapter_names is not None:
+            if not args:
+                raise ValueError("lora_ext: adapter_names needs the modules_to_save input as a positional argument")
+            return mixed.modules_to_save_forward(self, args[0], self._mixed_adapter_names, *args[1:], **kwargs)
         return self.active_module()(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

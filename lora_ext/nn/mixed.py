@@ -143,3 +143,35 @@ def embedding_forward(layer: LoraEmbedding, x: Tensor, names: list[str], *args, 
                 delta = delta * (embed_scale.float() if isinstance(embed_scale, Tensor) else embed_scale)
             acc = acc.index_add(0, sel, delta)
     return acc.to(result.dtype)
+
+
+# Module types whose rows are independent (PEFT's list for mixed batches through modules_to_save).
+ROW_WISE_MODULES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def modules_to_save_forward(wrapper, x: Tensor, names: list[str], *args, **kwargs) -> Tensor:
+    """ModulesToSaveWrapper with one adapter per row: each adapter's copy on its own rows, the original
+    module for ``"__base__"`` and for adapters it has no copy of (as PEFT)."""
+    kind = type(wrapper.original_module).__name__
+    if wrapper._disable_adapters:
+        raise ValueError(
+            f"lora_ext: adapter_names cannot be honoured inside disable_adapters() (modules_to_save {kind})"
+        )
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] != len(names):
+        shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(
+            f"lora_ext: adapter_names has {len(names)} entries but a modules_to_save {kind} got an input of "
+            f"shape {shape}; give one name per row (first dim) of the batch"
+        )
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        groups.setdefault(n if n in wrapper.modules_to_save else BASE_NAME, []).append(i)
+    out = None
+    for n, rows in groups.items():
+        module = wrapper.original_module if n == BASE_NAME else wrapper.modules_to_save[n]
+        sel = torch.tensor(rows, dtype=torch.int64, device=x.device)
+        part = module(x[sel], *args, **kwargs)
+        if out is None:
+            out = part.new_zeros((len(names), *part.shape[1:]))
+        out = out.index_copy(0, sel, part)
+    return out
