@@ -100,6 +100,38 @@ def test_index_patterns(index_kind):
         torch.testing.assert_close(out, torch.nn.functional.linear(x, w, bb), rtol=1e-6, atol=1e-6)
 
 
+def test_strided_inputs_and_expanded_grad():
+    """An offset, non-contiguous x view and a stride-0 grad_out give the contiguous results."""
+    (x, w, a, b, bb), index, scales = _case(21, 17, 9, 3, 3, torch.float32)
+    big = torch.randn(21, 40)
+    xv = big[:, 5 : 5 + 17]
+    xv.copy_(x)
+    assert not xv.is_contiguous() and xv.storage_offset() == 5
+    g = torch.randn(1, 9).expand(21, 9)
+    out_v, grads_v = _grads(lambda x, a, b: lora_ext.lora_linear_mixed(x, w, a, b, scales, index, bb), [xv, a, b], g)
+    out_c, grads_c = _grads(
+        lambda x, a, b: lora_ext.lora_linear_mixed(x, w, a, b, scales, index, bb), [x, a, b], g.contiguous()
+    )
+    torch.testing.assert_close(out_v, out_c, rtol=1e-6, atol=1e-6)
+    for gv, gc in zip(grads_v, grads_c):
+        torch.testing.assert_close(gv, gc, rtol=1e-6, atol=1e-6)
+    gt = torch.randn(21, 9)
+    x_t = x.t().contiguous().t()  # column-major x
+    got = torch.ops.lora_ext.lora_linear_mixed_backward(gt, x_t, w, a, b, scales, index, [0.0] * 3, None, [True] * 4)
+    want = torch.ops.lora_ext.lora_linear_mixed_backward(gt, x, w, a, b, scales, index, [0.0] * 3, None, [True] * 4)
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    (x, w, a, b, bb), index, scales = _case(8, 16, 8, 2, 2, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_ext.lora_linear_mixed(x, w, a, b, scales, index, bb)
+    assert y.dtype == torch.bfloat16
+    ref = lora_ext.lora_linear_mixed(*(t.bfloat16() for t in (x, w, a, b)), scales, index, bb.bfloat16())
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
 def test_empty_batch():
     (x, w, a, b, bb), index, scales = _case(0, 16, 8, 2, 3, torch.float32)
     leaves = [t.requires_grad_(True) for t in (x, a, b, bb)]
