@@ -181,14 +181,37 @@ def test_layer_level_length_mismatch_raises():
 
 
 def test_layer_without_mixed_support_raises_naming_it():
-    """An NF4 LoRA layer has no mixed path: asking for its adapter raises and names the layer.
-    (A LayerNorm in modules_to_save likewise: PEFT's row-wise list is Linear, Embedding, Conv.)"""
+    """modules_to_save around a module whose rows are not independent for PEFT (an RMSNorm): asking
+    for its adapter raises and names the layer; a batch without that adapter runs."""
+    model = tiny_llama()
+    inject(model, "a", r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"])
+    inject(model, "b", r=2, lora_alpha=4, target_modules=["v_proj"])
+    ids = llama_ids(batch=2, seq=4)
+    with pytest.raises(ValueError, match=r"ModulesToSaveWrapper \(model\..*norm\) has no mixed-adapter support"):
+        model(ids, adapter_names=["a", "__base__"])
+    model(ids, adapter_names=["b", "__base__"])
+
+
+def test_nf4_layers_route_rows():
+    """QLoRA: LoraLinearNF4 layers run the mixed op on the dequantized base; each row equals its
+    adapter's plain forward."""
     model = tiny_llama()
     lora_ext.quantize_model(model)
-    inject(model, "a", r=4, lora_alpha=8, target_modules=["q_proj"])
-    ids = llama_ids(batch=2, seq=4)
-    with pytest.raises(ValueError, match=r"LoraLinearNF4 \(.*q_proj\)"):
-        model(ids, adapter_names=["a", "__base__"])
+    inject(model, "a", seed=1, **CONFIG_A)
+    inject(model, "b", seed=2, r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"])
+    randomize_lora(model, seed=3)
+    assert any(isinstance(m, lora_ext.LoraLinearNF4) for m in model.modules())
+    ids = llama_ids(batch=len(NAMES), seq=5)
+    with torch.no_grad():
+        got = model(ids, adapter_names=NAMES).logits
+        for i, name in enumerate(NAMES):
+            if name == "__base__":
+                with lora_ext.disable_adapters(model):
+                    row = model(ids[i : i + 1]).logits
+            else:
+                lora_ext.set_adapter(model, name)
+                row = model(ids[i : i + 1]).logits
+            torch.testing.assert_close(got[i : i + 1], row, rtol=1e-5, atol=1e-5)
 
 
 def test_unload_removes_the_hooks():

@@ -465,7 +465,6 @@ class LoraLinearNF4(LoraLinear):
 
     base_type = LinearNF4
     base_name = "a LinearNF4"
-    supports_mixed_batch = False  # adapter_names raises for NF4 layers (not implemented)
 
     def __init__(self, base_layer: LinearNF4, *args: Any, **kwargs: Any) -> None:
         self._nf4_layer: LinearNF4 | None = None  # the NF4 layer while merged

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from ..quant.linear import LinearNF4
+from ..quant.nf4 import dequantize_nf4
 
 if TYPE_CHECKING:
     from .layers import LoraEmbedding, LoraLinear
@@ -88,8 +90,12 @@ def linear_forward(layer: LoraLinear, x: Tensor, names: list[str], *args, **kwar
     scales = [layer.scaling[a] for a in used]
     ps = [layer.lora_dropout_p[a] if layer.training else 0.0 for a in used]
     amp = ops.autocast_dtype_for(x)
-    dtype = amp if amp is not None else base.weight.dtype
-    if amp is None and x.dtype != dtype:
+    quantized = isinstance(base, LinearNF4)
+    if quantized:  # as LoraLinearNF4: x in the base's compute dtype, the output back in x's dtype
+        dtype = amp if amp is not None else (base.compute_dtype or x.dtype)
+    else:
+        dtype = amp if amp is not None else base.weight.dtype
+    if amp is None and x.dtype != dtype and not quantized:
         raise TypeError(
             f"lora_ext: input x has dtype {x.dtype} but the layer's weight is {dtype}; "
             "cast the input (or the model), or run under torch.autocast"
@@ -112,8 +118,12 @@ def linear_forward(layer: LoraLinear, x: Tensor, names: list[str], *args, **kwar
     # the op accumulates in fp32 itself; under autocast its fallback's plain torch ops must not be re-cast
     guard = torch.autocast(x.device.type, enabled=False) if amp is not None else contextlib.nullcontext()
     with guard:
-        w, bias = base.weight.to(dtype), None if base.bias is None else base.bias.to(dtype)
-        return ops.lora_linear_mixed(x.to(dtype), w, lora_A.to(dtype), lora_B.to(dtype), scales, index, bias, ps)
+        # An NF4 base is dequantized into a dense weight for the call (autograd keeps it until the
+        # backward in training: one dense weight per layer, unlike the fused NF4 op).
+        w = dequantize_nf4(base.nf4, dtype) if quantized else base.weight.to(dtype)
+        bias = None if base.bias is None else base.bias.to(dtype)
+        y = ops.lora_linear_mixed(x.to(dtype), w, lora_A.to(dtype), lora_B.to(dtype), scales, index, bias, ps)
+    return y.to(x.dtype) if quantized and amp is None else y
 
 
 def embedding_forward(layer: LoraEmbedding, x: Tensor, names: list[str], *args, **kwargs) -> Tensor:
