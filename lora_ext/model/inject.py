@@ -28,6 +28,7 @@ from ..nn.conv import resolve_fan_in_fan_out
 from ..nn.dispatch import kind_of, wrap
 from ..nn.layers import LoraLayer, ModulesToSaveWrapper
 from .config import LoraConfig
+from .mixed import MixedBatchHooks
 
 __all__ = [
     "active_adapter",
@@ -54,18 +55,7 @@ class LoraState:
 
     configs: dict[str, LoraConfig] = field(default_factory=dict)
     active: tuple[str, ...] = ()
-    hook: Any = None  # the forward pre-hook that refuses adapter_names (removed by unload)
-
-
-def _refuse_adapter_names(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    # PEFT routes rows to adapters with model(..., adapter_names=[...]); this model would
-    # pass the keyword on and ignore it, giving every row the active adapter: refuse it.
-    if kwargs.get("adapter_names") is not None:
-        raise ValueError(
-            "lora_ext: adapter_names (one adapter per row, PEFT's mixed-adapter batches) is not supported yet; "
-            "every row would silently get the active adapter. Run one batch per adapter with "
-            "lora_ext.set_adapter(model, name)"
-        )
+    hook: Any = None  # the adapter_names hooks (lora_ext/model/mixed.py; removed by unload)
 
 
 @dataclass
@@ -268,7 +258,7 @@ def _inject(
     if first:
         setattr(root, _STATE_ATTR, state)
         state.active = (adapter_name,)
-        state.hook = root.register_forward_pre_hook(_refuse_adapter_names, with_kwargs=True)
+        state.hook = MixedBatchHooks(root)
         _trainer.install(root)  # a transformers model: adapter-only save_pretrained (Trainer checkpoints)
     _apply_active(root, state.active)
     if adapter_name in state.active:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..quant.linear import LinearNF4
 from ..quant.nf4 import NF4Weight, dequantize_nf4
+from . import mixed
 
 __all__ = ["LoraEmbedding", "LoraLayer", "LoraLinear", "LoraLinearNF4", "ModulesToSaveWrapper", "lora_linear_multi"]
 
@@ -122,6 +123,10 @@ class LoraLayer(nn.Module):
     # Names of the attributes that hold per-adapter trainable parameters (PEFT's names).
     adapter_layer_names: tuple[str, ...] = ()
     base_type: type[nn.Module] = nn.Module  # what the subclass wraps
+    # Mixed-adapter batches (lora_ext/nn/mixed.py): whether the layer routes rows to adapters, and
+    # the per-row adapter names the model-level hook sets for one forward (None otherwise).
+    supports_mixed_batch = False
+    _mixed_adapter_names: list[str] | None = None
     base_name = "a module"
 
     def __init__(
@@ -421,8 +426,12 @@ class LoraLinear(LoraLayer):
         """Adapter ``name``'s factors under PEFT's key suffixes."""
         return dict(zip(self.factor_keys, (self.lora_A[name].weight, self.lora_B[name].weight)))
 
+    supports_mixed_batch = True
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         self._check_input(x)
+        if self._mixed_adapter_names is not None:
+            return mixed.linear_forward(self, x, self._mixed_adapter_names, *args, **kwargs)
         if self._disable_adapters or self.merged_adapters or args or kwargs:
             return self.base_layer(x, *args, **kwargs)
         active = [a for a in self._active_adapters if a in self.r]
@@ -608,7 +617,11 @@ class LoraEmbedding(LoraLayer):
         """Adapter ``name``'s factors under PEFT's key suffixes."""
         return dict(zip(self.factor_keys, (self.lora_embedding_A[name], self.lora_embedding_B[name])))
 
+    supports_mixed_batch = True
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self._mixed_adapter_names is not None:
+            return mixed.embedding_forward(self, x, self._mixed_adapter_names, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self._disable_adapters or self.merged_adapters:
             return result
@@ -646,6 +659,12 @@ class ModulesToSaveWrapper(nn.Module):
     copy used while that adapter is active and adapters are enabled.
     """
 
+    _mixed_adapter_names: list[str] | None = None  # set for one forward by adapter_names (lora_ext/nn/mixed.py)
+
+    @property
+    def supports_mixed_batch(self) -> bool:
+        return isinstance(self.original_module, mixed.ROW_WISE_MODULES)
+
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.original_module = module
@@ -681,6 +700,10 @@ class ModulesToSaveWrapper(nn.Module):
         return self.original_module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._mixed_adapter_names is not None:
+            if not args:
+                raise ValueError("lora_ext: adapter_names needs the modules_to_save input as a positional argument")
+            return mixed.modules_to_save_forward(self, args[0], self._mixed_adapter_names, *args[1:], **kwargs)
         return self.active_module()(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
