@@ -9,6 +9,7 @@ from . import (
     integrations,
     ops,  # loads the compiled library and registers every op, before .model builds on them
 )
+from .fast import FastLanguageModel, FastVisionModel
 from .model import (
     LoraConfig,
     active_adapter,
@@ -43,6 +44,7 @@ from .ops import (
 )
 from .quant.linear import LinearNF4, memory_report, quantize_model
 from .quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from .rank import rank_pattern_from_report, rank_report, suggest_lora_alpha, suggest_rank
 
 __version__ = "0.1.0"
 
@@ -88,4 +90,11 @@ __all__ = [
     "memory_report",
     "quantize_model",
     "quantize_nf4",
+    # Unsloth-style entry points and rank guidance
+    "FastLanguageModel",
+    "FastVisionModel",
+    "rank_pattern_from_report",
+    "rank_report",
+    "suggest_lora_alpha",
+    "suggest_rank",
 ]

@@ -27,6 +27,7 @@ from ..integrations import trainer as _trainer
 from ..nn.conv import resolve_fan_in_fan_out
 from ..nn.dispatch import kind_of, wrap
 from ..nn.layers import LoraLayer, ModulesToSaveWrapper
+from ..quant.linear import LinearNF4
 from .config import LoraConfig
 from .mixed import MixedBatchHooks
 
@@ -538,10 +539,16 @@ def _drop_state(root: nn.Module) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts (shared parameters counted once)."""
+    """``(trainable, total)`` parameter counts (shared parameters counted once).
+
+    A 4-bit weight (LinearNF4's packed codes, two per byte) counts two parameters per byte, as PEFT counts
+    bitsandbytes' ``Params4bit``.
+    """
+    root = _unwrap(model)
+    packed = {id(m.weight) for m in root.modules() if isinstance(m, LinearNF4)}
     trainable = total = 0
-    for p in _unwrap(model).parameters():
-        n = p.numel()
+    for p in root.parameters():
+        n = p.numel() * (2 if id(p) in packed else 1)
         total += n
         if p.requires_grad:
             trainable += n
