@@ -143,6 +143,21 @@ def test_compiled_record_equals_the_fallback_record(dtype):
     assert torch.equal(bits(wc), bits(w0)) and torch.equal(bits(wr), bits(w0))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ratio", [1e-2, 30.0])  # 30: most elements recorded, past the kernel's first buffer
+def test_cuda_record_equals_the_cpu_record(dtype, ratio):
+    w0, ((a, b, s),) = weight_and_adapters(512, 384, 16, dtype, ratio=ratio, count=1)
+    wc, wg = w0.clone(), w0.cuda()
+    rc, rg = lora_ext.MergeRecord(), lora_ext.MergeRecord()
+    lora_ext.merge_(wc, a, b, s, record=rc)
+    lora_ext.merge_(wg, a.cuda(), b.cuda(), s, record=rg)
+    assert torch.equal(bits(wg.cpu()), bits(wc))
+    assert torch.equal(rg.index.cpu(), rc.index) and torch.equal(bits(rg.value.cpu()), bits(rc.value))
+    lora_ext.unmerge_(wg, a.cuda(), b.cuda(), s, record=rg)
+    assert torch.equal(bits(wg.cpu()), bits(w0))
+
+
 def _opcheck_samples():
     w0, ((a, b, s),) = weight_and_adapters(19, 33, 3, torch.bfloat16, ratio=1.0, count=1)
     return w0, a, b, s
