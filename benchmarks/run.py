@@ -38,7 +38,7 @@ PARTS = ("lora_linear", "percall", "merge", "nf4", "mixed", "e2e")
 CSV_FILES = {  # output file -> the "bench" values of its rows
     "lora_linear": ("lora_linear",),
     "percall": ("percall",),
-    "merge": ("merge", "merge_drift"),
+    "merge": ("merge", "merge_drift", "merge_record"),
     "nf4": ("nf4", "nf4_bits"),
     "mixed": ("mixed",),
     "e2e": ("e2e_step",),

@@ -31,6 +31,7 @@ from .model import (
 from .nn import LoraEmbedding, LoraLinear, LoraLinearNF4
 from .ops import (
     STRATEGIES,
+    MergeRecord,
     build_info,
     dropout_mask,
     extension_loaded,
@@ -51,6 +52,7 @@ __version__ = "0.1.0"
 __all__ = [
     # fused ops
     "STRATEGIES",
+    "MergeRecord",
     "build_info",
     "dropout_mask",
     "extension_loaded",

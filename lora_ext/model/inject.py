@@ -423,7 +423,11 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     wrappers = [m for _, m in _wrappers(root)]
     if any(getattr(m, "_disable_adapters", False) for m in wrappers):
         raise ValueError("lora_ext: disable_adapters() is already active on this model")
-    merged = {id(m): list(m.merged_adapters) for m in wrappers if isinstance(m, LoraLayer) and m.merged}
+    merged = {
+        id(m): (list(m.merged_adapters), bool(m._merge_records))
+        for m in wrappers
+        if isinstance(m, LoraLayer) and m.merged
+    }
     for m in wrappers:
         if isinstance(m, LoraLayer):
             m.unmerge()
@@ -436,7 +440,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             m._disable_adapters = False
         for m in wrappers:
             if id(m) in merged:
-                m.merge(adapter_names=merged[id(m)])
+                names, exact = merged[id(m)]
+                m.merge(adapter_names=names, exact=exact)
 
 
 # ------------------------------------------------------------------------ merge
@@ -454,10 +459,13 @@ def _check_tied(layers: list[tuple[str, LoraLayer]]) -> None:
         owners[key] = name
 
 
-def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
+def merge_adapter(model: nn.Module, safe_merge: bool = False, exact: bool = True) -> None:
     """Merge the active adapter(s) into the base weights: ``W += s · B A``, fp32 accumulation, one rounding.
 
-    Merging an already merged model warns and does nothing. With
+    ``exact`` (the default; fp32/fp16/bf16 weights): each layer keeps a record of the elements
+    that ``W' − s·BA`` would not restore, so :func:`unmerge_adapter` gives the weights back bit
+    for bit after any number of cycles (``memory_report(model)["merge_record_bytes"]``);
+    ``exact=False`` keeps no record. Merging an already merged model warns and does nothing. With
     ``safe_merge=True`` every merged weight is computed and checked first;
     if any is non-finite, ``ValueError`` names the layer and no weight changes.
     """
@@ -481,7 +489,7 @@ def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
                         "weights; nothing was merged"
                     )
     for _, layer in layers:
-        layer.merge()
+        layer.merge(exact=exact)
 
 
 def unmerge_adapter(model: nn.Module) -> None:
@@ -504,7 +512,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     root = _unwrap(model)
     _state(root)
     if not any(layer.merged for _, layer in lora_layers(root)):
-        merge_adapter(root, safe_merge=safe_merge)
+        merge_adapter(root, safe_merge=safe_merge, exact=False)  # nothing will be unmerged
     return _unload(root, model)
 
 

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.exact_merge import MergeRecord
 from ..quant.linear import LinearNF4
 from ..quant.nf4 import NF4Weight, dequantize_nf4
-from . import mixed
+from . import exact_merge, mixed
 
 __all__ = ["LoraEmbedding", "LoraLayer", "LoraLinear", "LoraLinearNF4", "ModulesToSaveWrapper", "lora_linear_multi"]
 
@@ -154,6 +155,7 @@ class LoraLayer(nn.Module):
         self._active_adapters: tuple[str, ...] = ()
         self._disable_adapters: bool = False
         self.merged_adapters: list[str] = []
+        self._merge_records: dict[str, MergeRecord] = {}  # exact merges: adapter name -> record
         self._init_containers(base_layer)
         if adapter_name is not None:
             self.add_adapter(adapter_name, r, lora_alpha, **adapter_kwargs)
@@ -292,8 +294,11 @@ class LoraLayer(nn.Module):
     def check_mergeable(self, name: str | None = None) -> None:
         """Raise ``ValueError`` if this layer's adapters cannot be merged into its base (hook)."""
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, exact: bool = True) -> None:
         """Add the active (or given) adapters into the base weight, fp32 accumulation, one rounding.
+
+        ``exact`` (fp32/fp16/bf16 weights): keep a :class:`~lora_ext.MergeRecord` per adapter so
+        that :meth:`unmerge` restores the weight bit for bit (lora_ext/nn/exact_merge.py).
 
         Raises:
             ValueError: with ``safe_merge``, if the merged weight would be
@@ -303,12 +308,15 @@ class LoraLayer(nn.Module):
         names = [n for n in names if n not in self.merged_adapters]
         if not names:
             return
-        self._merge_names(names, safe_merge)
+        self._merge_names(names, safe_merge, exact)
         self.merged_adapters.extend(names)
 
-    def _merge_names(self, names: list[str], safe_merge: bool) -> None:
+    def _merge_names(self, names: list[str], safe_merge: bool, exact: bool = False) -> None:
         """Merge adapters ``names`` into the base (hook: an NF4 base swaps in a dequantized nn.Linear)."""
         weight = self.base_layer.weight
+        if exact and exact_merge.supports(weight):
+            self._merge_records.update(exact_merge.merge_names(self, weight, names, safe_merge))
+            return
         with torch.no_grad():
             if safe_merge:
                 new = self.merged_weight(names)
@@ -329,7 +337,27 @@ class LoraLayer(nn.Module):
         weight = self.base_layer.weight
         with torch.no_grad():
             for name in reversed(self.merged_adapters):
-                _merge_into(weight, *self.delta_factors(name), -self.scaling[name])
+                record = self._merge_records.pop(name, None)
+                if record is not None:
+                    exact_merge.unmerge_name(self, weight, name, record)
+                else:
+                    _merge_into(weight, *self.delta_factors(name), -self.scaling[name])
+
+    def merge_record_bytes(self) -> int:
+        """Bytes held by this layer's exact-merge records (0 when not merged exactly)."""
+        return sum(r.nbytes for r in self._merge_records.values())
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        exact_merge.save_records(self, destination, prefix)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        exact_merge.load_records(self, state_dict, prefix)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _repr_state(self) -> str:
         names = self.adapters
@@ -519,7 +547,7 @@ class LoraLinearNF4(LoraLinear):
         nf4 = self._quantized
         return dequantize_nf4(nf4.nf4, nf4.quant_dtype)
 
-    def _merge_names(self, names: list[str], safe_merge: bool) -> None:
+    def _merge_names(self, names: list[str], safe_merge: bool, exact: bool = False) -> None:
         with torch.no_grad():
             w = self.merged_weight(self.merged_adapters + names)
             if safe_merge and not torch.isfinite(w).all():

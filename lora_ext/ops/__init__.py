@@ -3,10 +3,11 @@ contract (``checks``), the pure-PyTorch kernels (``reference``) and the public
 typed functions (``functional``).
 
 Importing this package loads the compiled library (``_loader``) and registers
-the dense (``dense``), mixed-adapter (``mixed``) and NF4 (``nf4``) op families with the dispatcher.
+the dense (``dense``), exact merge (``exact_merge``), mixed-adapter (``mixed``) and NF4 (``nf4``)
+op families with the dispatcher.
 """
 
-from . import dense, mixed, nf4  # noqa: F401  (register the op families)
+from . import dense, exact_merge, mixed, nf4  # noqa: F401  (register the op families)
 from ._library import fallback_dispatch_keys
 from ._loader import build_info, extension_loaded
 from .functional import *  # noqa: F403  (the public functions, functional.__all__)
