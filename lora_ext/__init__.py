@@ -26,10 +26,12 @@ from .model import (
     unload,
     unmerge_adapter,
 )
-from .nn import LoraEmbedding, LoraLinear, LoraLinearNF4
+from .nn import LoraEmbedding, LoraLinear, LoraLinearDora, LoraLinearNF4
 from .ops import (
     STRATEGIES,
     build_info,
+    dora_linear,
+    dora_weight_norm,
     dropout_mask,
     extension_loaded,
     lora_linear,
@@ -48,6 +50,8 @@ __all__ = [
     # fused ops
     "STRATEGIES",
     "build_info",
+    "dora_linear",
+    "dora_weight_norm",
     "dropout_mask",
     "extension_loaded",
     "lora_linear",
@@ -60,6 +64,7 @@ __all__ = [
     "LoraConfig",
     "LoraEmbedding",
     "LoraLinear",
+    "LoraLinearDora",
     "active_adapter",
     "active_adapters",
     "delete_adapter",

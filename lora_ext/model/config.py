@@ -24,7 +24,6 @@ _INIT_ONLY_FACTORS = ("eva", "orthogonal")
 # A config file may carry them at these values (PEFT writes them all out).
 _PEFT_FIELDS_AT_DEFAULT: dict[str, Any] = {
     "fan_in_fan_out": False,
-    "use_dora": False,
     "lora_bias": False,
     "megatron_config": None,
     "layer_replication": None,
@@ -96,6 +95,8 @@ class LoraConfig:
         rank_pattern: ``{regex: r}`` overriding ``r`` for modules whose name ends
             with a match of the regex.
         alpha_pattern: ``{regex: alpha}``, likewise for ``lora_alpha``.
+        use_dora: DoRA (weight-decomposed LoRA) on the adapted ``nn.Linear`` layers:
+            a learned magnitude per output row (lora_ext/nn/dora.py).
     """
 
     r: int = 8
@@ -110,6 +111,7 @@ class LoraConfig:
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -130,6 +132,8 @@ class LoraConfig:
             _check_alpha(value, f"alpha_pattern[{key!r}]")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"lora_ext: lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"lora_ext: use_dora must be True or False, got {self.use_dora!r}")
         if self.bias not in _BIAS_OPTIONS:
             raise ValueError(f"lora_ext: bias must be one of {list(_BIAS_OPTIONS)}, got {self.bias!r}")
         tm = self.target_modules
@@ -203,7 +207,8 @@ class LoraConfig:
         }
         # Feature switches at "off", limited to fields that PEFT has had since 0.10, so
         # that older PEFT versions (which reject unknown fields) read the file too.
-        out.update({"fan_in_fan_out": False, "use_dora": False, "megatron_config": None, "layer_replication": None})
+        out.update({"fan_in_fan_out": False, "megatron_config": None, "layer_replication": None})
+        out["use_dora"] = self.use_dora
         return out
 
     @classmethod

@@ -6,6 +6,7 @@ Key naming (PEFT's ``get_peft_model_state_dict``, adapter name removed):
     base_model.model.<module>.lora_B.weight          [out_features, r]    Linear
     base_model.model.<module>.lora_embedding_A       [r, num_embeddings]  Embedding
     base_model.model.<module>.lora_embedding_B       [embedding_dim, r]   Embedding
+    base_model.model.<module>.lora_magnitude_vector.weight  [out_features]  Linear, DoRA (use_dora)
     base_model.model.<module>.<param>                modules_to_save copies
     base_model.model.<...>.bias                      trained biases (bias="all"/"lora_only")
 
@@ -144,10 +145,8 @@ def _split_keys(
     rest: dict[str, Tensor] = {}
     for key, value in tensors.items():
         k = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
-        if ".lora_magnitude_vector" in k or k.endswith("lora_B.bias"):
-            raise ValueError(
-                f"lora_ext: key {key!r} belongs to a PEFT feature (DoRA / lora_bias) that is not supported"
-            )
+        if k.endswith("lora_B.bias"):
+            raise ValueError(f"lora_ext: key {key!r} belongs to a PEFT feature (lora_bias) that is not supported")
         for suffix in FACTOR_KEYS:
             if k.endswith("." + suffix):
                 factors.setdefault(k[: -len(suffix) - 1], {})[suffix] = value

@@ -1,6 +1,7 @@
 """LoRA layers (the module layer over the ops) and the table that maps base layer types to them."""
 
 from .dispatch import LAYER_TABLE, LayerKind, kind_of
+from .dora import LoraLinearDora
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, LoraLinearNF4, ModulesToSaveWrapper, lora_linear_multi
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraLinearDora",
     "LoraLinearNF4",
     "ModulesToSaveWrapper",
     "kind_of",

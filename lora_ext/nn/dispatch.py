@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..quant.linear import LinearNF4
+from .dora import DORA_MAGNITUDE_KEY
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, LoraLinearNF4
 
 
@@ -60,8 +61,11 @@ LAYER_TABLE: tuple[LayerKind, ...] = (
     LayerKind("embedding", nn.Embedding, LoraEmbedding, _embedding_shapes, linear=False),
 )
 
-#: Every adapter-tensor suffix of the table (for splitting a state dict into adapters and the rest).
-FACTOR_KEYS: tuple[str, ...] = tuple(dict.fromkeys(k for row in LAYER_TABLE for k in row.factor_keys))
+#: Every adapter-tensor suffix of the table (for splitting a state dict into adapters and the rest),
+#: DoRA's magnitude vector (lora_ext/nn/dora.py) included.
+FACTOR_KEYS: tuple[str, ...] = tuple(
+    dict.fromkeys([*(k for row in LAYER_TABLE for k in row.factor_keys), DORA_MAGNITUDE_KEY])
+)
 
 
 def kind_of(module: nn.Module) -> LayerKind | None:
