@@ -6,7 +6,7 @@ import os
 import warnings
 from typing import Any
 
-from . import common, goals
+from . import bench_dora, common, goals
 
 Row = dict[str, Any]
 
@@ -263,6 +263,7 @@ TABLES = (  # (title, table function): the terminal output and the report, in th
     ("QLoRA (NF4) layer", nf4_table),
     ("NF4 storage", nf4_bits_table),
     ("mixed-adapter batches (one adapter per row)", mixed_table),
+    ("DoRA layer (fwd+bwd)", bench_dora.table),
     ("end to end", e2e_table),
 )
 

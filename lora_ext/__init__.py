@@ -28,11 +28,13 @@ from .model import (
     unload,
     unmerge_adapter,
 )
-from .nn import LoraEmbedding, LoraLinear, LoraLinearNF4
+from .nn import LoraEmbedding, LoraLinear, LoraLinearDora, LoraLinearNF4
 from .ops import (
     STRATEGIES,
     MergeRecord,
     build_info,
+    dora_linear,
+    dora_weight_norm,
     dropout_mask,
     extension_loaded,
     lora_linear,
@@ -54,6 +56,8 @@ __all__ = [
     "STRATEGIES",
     "MergeRecord",
     "build_info",
+    "dora_linear",
+    "dora_weight_norm",
     "dropout_mask",
     "extension_loaded",
     "lora_linear",
@@ -67,6 +71,7 @@ __all__ = [
     "LoraConfig",
     "LoraEmbedding",
     "LoraLinear",
+    "LoraLinearDora",
     "active_adapter",
     "active_adapters",
     "add_weighted_adapter",

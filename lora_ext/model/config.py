@@ -40,12 +40,6 @@ _INIT_ONLY_FACTORS = ("eva", "orthogonal")
 
 _LOAD_WITH_PEFT = "load the model with peft and call lora_ext.integrations.peft.accelerate(peft_model)"
 
-# ---- Feature fields being implemented on other branches: refused unless off. A branch that
-# implements one deletes its row here and handles the field.
-PENDING_FEATURES: dict[str, tuple[Any, str]] = {
-    "use_dora": (False, "DoRA is not implemented by the fused path yet"),
-}
-
 # ---- Feature fields the fused path does not implement: refused unless off.
 UNSUPPORTED_FEATURES: dict[str, tuple[Any, str]] = {
     "lora_bias": (False, "a bias on lora_B is not supported"),
@@ -151,6 +145,8 @@ class LoraConfig:
             As in PEFT it follows the layer type: set to True (with a warning)
             when a transformers ``Conv1D`` (GPT-2) is targeted, to False when an
             ``nn.Linear`` is; the stored config and the saved file carry the result.
+        use_dora: DoRA (weight-decomposed LoRA) on the adapted ``nn.Linear`` layers:
+            a learned magnitude per output row (lora_ext/nn/dora.py).
     """
 
     r: int = 8
@@ -181,8 +177,8 @@ class LoraConfig:
     lora_ga_config: dict | None = None
     exclude_modules: list[str] | str | None = None
     fan_in_fan_out: bool = False
-    # ---- refused unless off (PENDING_FEATURES, UNSUPPORTED_FEATURES)
     use_dora: bool = False
+    # ---- refused unless off (UNSUPPORTED_FEATURES)
     lora_bias: bool = False
     megatron_config: dict | None = None
     layer_replication: list | None = None
@@ -220,7 +216,7 @@ class LoraConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError``/``TypeError`` naming the bad field and value."""
-        for table in (PENDING_FEATURES, UNSUPPORTED_FEATURES):
+        for table in (UNSUPPORTED_FEATURES,):
             for name, (off, why) in table.items():
                 value = getattr(self, name)
                 if not _is_off(value, off):
@@ -240,6 +236,8 @@ class LoraConfig:
             _check_alpha(value, f"alpha_pattern[{key!r}]")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"lora_ext: lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"lora_ext: use_dora must be True or False, got {self.use_dora!r}")
         if self.bias not in _BIAS_OPTIONS:
             raise ValueError(f"lora_ext: bias must be one of {list(_BIAS_OPTIONS)}, got {self.bias!r}")
         tm = self.target_modules

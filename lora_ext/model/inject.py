@@ -26,6 +26,7 @@ from .. import targets as _targets
 from ..integrations import trainer as _trainer
 from ..nn.conv import resolve_fan_in_fan_out
 from ..nn.dispatch import kind_of, wrap
+from ..nn.dora import DORA_MAGNITUDE_KEY, as_dora
 from ..nn.layers import LoraLayer, ModulesToSaveWrapper
 from ..quant.linear import LinearNF4
 from .config import LoraConfig
@@ -65,6 +66,7 @@ class _Target:
     module: nn.Module  # nn.Linear / nn.Embedding, or an existing LoRA layer
     r: int
     alpha: float
+    use_dora: bool = False
 
     @property
     def kind(self) -> str:
@@ -72,7 +74,10 @@ class _Target:
 
     def factor_shapes(self) -> dict[str, tuple[int, int]]:
         """Expected shapes of the adapter tensors, by PEFT key suffix."""
-        return kind_of(self.module).shapes(self.module, self.r)
+        shapes = kind_of(self.module).shapes(self.module, self.r)
+        if self.use_dora:
+            shapes[DORA_MAGNITUDE_KEY] = (shapes["lora_B.weight"][0],)
+        return shapes
 
 
 # ----------------------------------------------------------------------- helpers
@@ -206,7 +211,9 @@ def _inject(
     for name, module in matched:
         r, alpha = config.rank_and_alpha(name)
         kind_of(module).validate(module, r)
-        targets.append(_Target(name, module, r, alpha))
+        targets.append(_Target(name, module, r, alpha, config.use_dora))
+    if config.use_dora:
+        _check_dora_targets(targets)
     # PEFT never refuses a modules_to_save entry that matches nothing; we do for the user's own
     # entries of inject_adapter (a typo must not be ignored), not for those a task type adds nor
     # for a file's (load_adapter), whose tensors are checked instead.
@@ -233,6 +240,8 @@ def _inject(
             layer.train(t.module.training)  # a model in eval mode stays in eval mode (no dropout)
             layer.set_active(active)
             _set_child(root, t.name, layer)
+        if config.use_dora:
+            layer = as_dora(layer)
         layer.add_adapter(
             adapter_name,
             t.r,
@@ -242,6 +251,7 @@ def _inject(
             init_lora_weights=config.init_lora_weights,
             dtype=_adapter_dtype(layer.base_layer, autocast_adapter_dtype),
             weights=None if weights is None else weights[t.name],
+            **({"use_dora": True} if config.use_dora else {}),
         )
     for name, module in mts:
         wrapper = module
@@ -265,6 +275,18 @@ def _inject(
     if adapter_name in state.active:
         _apply_bias_option(root, config, adapter_name)
     return model
+
+
+def _check_dora_targets(targets: list[_Target]) -> None:
+    """use_dora: every target must be (or wrap) a plain nn.Linear (lora_ext/nn/dora.py)."""
+    from ..nn.layers import LoraLinear
+
+    for t in targets:
+        if kind_of(t.module).lora_class is not LoraLinear:
+            raise ValueError(
+                f"lora_ext: use_dora=True is implemented for nn.Linear layers only; {t.name!r} is a "
+                f"{type(t.module).__name__} (leave it out of target_modules, or use a plain LoRA adapter)"
+            )
 
 
 def _check_weights(targets: list[_Target], weights: dict[str, dict[str, Tensor]]) -> None:

@@ -6,6 +6,7 @@ Key naming (PEFT's ``get_peft_model_state_dict``, adapter name removed):
     base_model.model.<module>.lora_B.weight          [out_features, r]    Linear
     base_model.model.<module>.lora_embedding_A       [r, num_embeddings]  Embedding
     base_model.model.<module>.lora_embedding_B       [embedding_dim, r]   Embedding
+    base_model.model.<module>.lora_magnitude_vector  [out_features]       Linear, DoRA (use_dora)
     base_model.model.<module>.<param>                modules_to_save copies
     base_model.model.<...>.bias                      trained biases (bias="all"/"lora_only")
 
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.dispatch import FACTOR_KEYS
+from ..nn.dora import DORA_MAGNITUDE_KEY
 from ..nn.layers import LoraLayer, ModulesToSaveWrapper
 from .config import LoraConfig
 from .inject import _inject, _state, _unwrap, _walk, lora_layers
@@ -34,6 +36,15 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 _PREFIX = "base_model.model."
+
+
+# PEFT writes DoRA's magnitude (parameter lora_magnitude_vector.<adapter>.weight) as
+# "<module>.lora_magnitude_vector" and reads that name or "<module>.lora_magnitude_vector.weight".
+_DORA_FILE_KEY = DORA_MAGNITUDE_KEY.removesuffix(".weight")
+
+
+def _file_suffix(suffix: str) -> str:
+    return _DORA_FILE_KEY if suffix == DORA_MAGNITUDE_KEY else suffix
 
 
 def _adapter_state_dict(root: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, Tensor]:
@@ -47,7 +58,7 @@ def _adapter_tensors(root: nn.Module, adapter_name: str, config: LoraConfig) -> 
         if adapter_name not in layer.adapters:
             continue
         for suffix, tensor in layer.adapter_tensors(adapter_name).items():
-            out[f"{name}.{suffix}"] = tensor
+            out[f"{name}.{_file_suffix(suffix)}"] = tensor
     for name, module in root.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for k, v in module.modules_to_save[adapter_name].state_dict().items():
@@ -184,10 +195,10 @@ def _split_keys(
     rest: dict[str, Tensor] = {}
     for key, value in tensors.items():
         k = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
-        if ".lora_magnitude_vector" in k or k.endswith("lora_B.bias"):
-            raise ValueError(
-                f"lora_ext: key {key!r} belongs to a PEFT feature (DoRA / lora_bias) that is not supported"
-            )
+        if k.endswith("." + _DORA_FILE_KEY):  # PEFT's file name of the magnitude parameter
+            k += ".weight"
+        if k.endswith("lora_B.bias"):
+            raise ValueError(f"lora_ext: key {key!r} belongs to a PEFT feature (lora_bias) that is not supported")
         for suffix in FACTOR_KEYS:
             if k.endswith("." + suffix):
                 factors.setdefault(k[: -len(suffix) - 1], {})[suffix] = value

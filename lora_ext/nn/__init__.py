@@ -2,6 +2,7 @@
 
 from .conv import LoraConv1D, LoraConv1d, LoraConv2d, LoraConv3d, LoraConvNd
 from .dispatch import LAYER_TABLE, LayerKind, kind_of
+from .dora import LoraLinearDora
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, LoraLinearNF4, ModulesToSaveWrapper, lora_linear_multi
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraLinearDora",
     "LoraLinearNF4",
     "ModulesToSaveWrapper",
     "kind_of",

@@ -16,6 +16,7 @@ from torch import nn
 from ..quant.linear import LinearNF4
 from .conv import Conv1D, LoraConv1D, LoraConv1d, LoraConv2d, LoraConv3d, check_conv_rank
 from .bnb import LoraLinear4bit, check_linear4bit, is_bnb_linear4bit
+from .dora import DORA_MAGNITUDE_KEY
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, LoraLinearNF4
 
 
@@ -106,8 +107,11 @@ LAYER_TABLE: tuple[LayerKind, ...] = (
     LayerKind("conv", nn.Conv3d, LoraConv3d, _conv_shapes, linear=False, check_rank=_conv_rank),
 )
 
-#: Every adapter-tensor suffix of the table (for splitting a state dict into adapters and the rest).
-FACTOR_KEYS: tuple[str, ...] = tuple(dict.fromkeys(k for row in LAYER_TABLE for k in row.factor_keys))
+#: Every adapter-tensor suffix of the table (for splitting a state dict into adapters and the rest),
+#: DoRA's magnitude vector (lora_ext/nn/dora.py) included.
+FACTOR_KEYS: tuple[str, ...] = tuple(
+    dict.fromkeys([*(k for row in LAYER_TABLE for k in row.factor_keys), DORA_MAGNITUDE_KEY])
+)
 
 
 def kind_of(module: nn.Module) -> LayerKind | None:
