@@ -524,3 +524,12 @@ def test_device_gpt2_and_cnn_match_peft(device, dtype):
             lora_ext.merge_adapter(ours)
             tol = 1e-4 if dtype == torch.float32 else 5e-2
             torch.testing.assert_close(run(ours).float(), y.float(), rtol=tol, atol=tol)
+
+
+def test_new_layers_compile_without_graph_breaks():
+    torch.manual_seed(0)
+    conv1d = LoraConv1D(Conv1D(16, 8), "default", r=2, lora_alpha=4, init_lora_weights=False)
+    conv2d = LoraConv2d(nn.Conv2d(3, 4, 3), "default", r=2, lora_alpha=4, init_lora_weights=False)
+    for layer, x in ((conv1d, torch.randn(3, 5, 8)), (conv2d, torch.randn(2, 3, 6, 6))):
+        compiled = torch.compile(layer, fullgraph=True)
+        torch.testing.assert_close(compiled(x), layer(x))
