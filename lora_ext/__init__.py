@@ -26,7 +26,7 @@ from .model import (
     unload,
     unmerge_adapter,
 )
-from .nn import LoraEmbedding, LoraLinear, LoraLinearNF4
+from .nn import LoraEmbedding, LoraLinear, LoraLinear4bit, LoraLinearNF4
 from .ops import (
     STRATEGIES,
     build_info,
@@ -77,6 +77,7 @@ __all__ = [
     "unmerge_adapter",
     # QLoRA
     "LinearNF4",
+    "LoraLinear4bit",
     "LoraLinearNF4",
     "NF4Weight",
     "dequantize_nf4",

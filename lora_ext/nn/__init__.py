@@ -1,5 +1,6 @@
 """LoRA layers (the module layer over the ops) and the table that maps base layer types to them."""
 
+from .bnb import LoraLinear4bit
 from .dispatch import LAYER_TABLE, LayerKind, kind_of
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, LoraLinearNF4, ModulesToSaveWrapper, lora_linear_multi
 
@@ -9,6 +10,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraLinear4bit",
     "LoraLinearNF4",
     "ModulesToSaveWrapper",
     "kind_of",
