@@ -187,8 +187,9 @@ class LoraLinear4bit(LoraLinear):
     def check_mergeable(self, name: str | None = None) -> None:
         """Raise ValueError if the 4-bit weight cannot be read for a merge (merge_adapter asks every layer first)."""
         if self._repacked():
+            where = "this layer" if name is None else repr(name)
             raise ValueError(
-                f"lora_ext: cannot merge into {'this layer' if name is None else repr(name)}: its Linear4bit weight was repacked by bitsandbytes' CPU "
+                f"lora_ext: cannot merge into {where}: its Linear4bit weight was repacked by bitsandbytes' CPU "
                 "inference path (quant_state.packing_format_for_cpu, after running the layer in eval mode without "
                 "gradients); lora_ext reads only bitsandbytes' standard layout. Reload the 4-bit model; nothing was "
                 "merged"
@@ -277,8 +278,8 @@ class LoraLinear4bit(LoraLinear):
         q = self._quantized
         merged = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
         merged.weight = nn.Parameter(w, requires_grad=False)
-        if q.bias is not None:
-            merged.bias = nn.Parameter(q.bias.detach().to(w.dtype), requires_grad=q.bias.requires_grad)
+        if q.bias is not None:  # the same bias parameter (a trained bias stays one tensor) unless its dtype differs
+            merged.bias = q.bias if q.bias.dtype == w.dtype else nn.Parameter(q.bias.detach().to(w.dtype), False)
         self._bnb_layer = q
         self.base_layer = merged
 
