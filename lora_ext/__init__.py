@@ -28,7 +28,7 @@ from .model import (
     unload,
     unmerge_adapter,
 )
-from .nn import LoraEmbedding, LoraLinear, LoraLinearDora, LoraLinearNF4
+from .nn import LoraEmbedding, LoraLinear, LoraLinear4bit, LoraLinearDora, LoraLinearNF4
 from .ops import (
     STRATEGIES,
     MergeRecord,
@@ -90,6 +90,7 @@ __all__ = [
     "unmerge_adapter",
     # QLoRA
     "LinearNF4",
+    "LoraLinear4bit",
     "LoraLinearNF4",
     "NF4Weight",
     "dequantize_nf4",

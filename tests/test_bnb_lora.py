@@ -257,6 +257,7 @@ def test_tiny_llama_matches_peft(quant_type, double_quant):
     randomize_lora(ours, std=0.2)
     ref = peft_model(base)
     copy_state(ours, ref.base_model.model)
+    assert lora_ext.trainable_parameters(ours) == ref.get_nb_trainable_parameters()  # 4-bit counted as PEFT does
     ours.train()
     ref.train()
     ids = llama_ids(seed=3)
@@ -469,3 +470,16 @@ def test_lora_ext_imports_without_bitsandbytes():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_torch_compile_fullgraph(quant_type):
+    model = inject(_quantized_llama(quant_type, True), r=4, lora_alpha=8)
+    randomize_lora(model, std=0.2)
+    ids = llama_ids(seed=10)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y = model(ids).logits
+        y_compiled = torch.compile(model, fullgraph=True)(ids).logits
+    torch.testing.assert_close(y_compiled, y, rtol=1e-5, atol=1e-5)

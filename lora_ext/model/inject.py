@@ -579,6 +579,8 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = total = 0
     for p in root.parameters():
         n = p.numel() * (2 if id(p) in packed else 1)
+        if type(p).__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte (PEFT's count)
+            n *= 2 * p.element_size()
         total += n
         if p.requires_grad:
             trainable += n

@@ -1,5 +1,6 @@
 """LoRA layers (the module layer over the ops) and the table that maps base layer types to them."""
 
+from .bnb import LoraLinear4bit
 from .conv import LoraConv1D, LoraConv1d, LoraConv2d, LoraConv3d, LoraConvNd
 from .dispatch import LAYER_TABLE, LayerKind, kind_of
 from .dora import LoraLinearDora
@@ -16,6 +17,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraLinear4bit",
     "LoraLinearDora",
     "LoraLinearNF4",
     "ModulesToSaveWrapper",

@@ -57,13 +57,14 @@ def _packed_codes(weight: Tensor) -> Tensor:
     return data.reshape(-1, 1)
 
 
-def dequantize_4bit_storage(weight: Tensor, dtype: torch.dtype) -> Tensor:
+def dequantize_4bit_storage(weight: Tensor, dtype: torch.dtype, offset: float | None = None) -> Tensor:
     """The ``[N, K]`` weight of a quantized ``Params4bit`` in ``dtype``, as bitsandbytes computes it.
 
     ``code[q] · absmax`` in fp32 (absmax resolved from the double quantization
     first), rounded to the quant_state dtype, then cast to ``dtype``. On CPU this
     is computed here in PyTorch (bitsandbytes' native AVX-512 CPU kernel is wrong for
-    some shapes); elsewhere bitsandbytes' ``dequantize_4bit`` runs.
+    some shapes); elsewhere bitsandbytes' ``dequantize_4bit`` runs. ``offset``: ``float(quant_state.offset)``
+    when the caller has it (reading it is a device sync, and a recompile under torch.compile).
     """
     qs = weight.quant_state
     if weight.device.type != "cpu":
@@ -75,7 +76,9 @@ def dequantize_4bit_storage(weight: Tensor, dtype: torch.dtype) -> Tensor:
     q = torch.stack((b >> 4, b & 0xF), dim=1).reshape(-1)[:n].long()
     if qs.nested:
         s2 = qs.state2
-        absmax = resolve_absmax(qs.absmax, s2.absmax, s2.code, float(qs.offset), s2.blocksize)
+        absmax = resolve_absmax(
+            qs.absmax, s2.absmax, s2.code, float(qs.offset) if offset is None else offset, s2.blocksize
+        )
     else:
         absmax = qs.absmax.float()
     blocks = absmax.numel()
@@ -156,6 +159,15 @@ class LoraLinear4bit(LoraLinear):
         # weight into its own tile layout before this layer was wrapped.
         return bool(getattr(self._quantized.weight.quant_state, "packing_format_for_cpu", False))
 
+    def _offset_float(self) -> float | None:
+        """``float(quant_state.offset)`` (double quantization), read once per quant_state."""
+        qs = self._quantized.weight.quant_state
+        if not qs.nested:
+            return None
+        if self._offset_cache is None or self._offset_cache[0] is not qs.offset:
+            self._offset_cache = (qs.offset, float(qs.offset))  # one device sync per quant_state
+        return self._offset_cache[1]
+
     def nf4_weight(self) -> NF4Weight:
         """The NF4 weight as an :class:`~lora_ext.NF4Weight` over bitsandbytes' own tensors (no copy)."""
         weight = self._quantized.weight
@@ -166,9 +178,7 @@ class LoraLinear4bit(LoraLinear):
         if qs.nested:
             nested_absmax, nested_code, nested_blocksize = qs.state2.absmax, qs.state2.code, qs.state2.blocksize
             offset = qs.offset.reshape(())
-            if self._offset_cache is None or self._offset_cache[0] is not qs.offset:
-                self._offset_cache = (qs.offset, float(qs.offset))  # one device sync per quant_state
-            offset_float = self._offset_cache[1]
+            offset_float = self._offset_float()
         return NF4Weight(
             _packed_codes(weight), qs.absmax, qs.blocksize, torch.Size(qs.shape), qs.dtype,
             nested_absmax, nested_code, offset, nested_blocksize, offset_float,
@@ -177,8 +187,9 @@ class LoraLinear4bit(LoraLinear):
     def check_mergeable(self, name: str | None = None) -> None:
         """Raise ValueError if the 4-bit weight cannot be read for a merge (merge_adapter asks every layer first)."""
         if self._repacked():
+            where = "this layer" if name is None else repr(name)
             raise ValueError(
-                f"lora_ext: cannot merge into {'this layer' if name is None else repr(name)}: its Linear4bit weight was repacked by bitsandbytes' CPU "
+                f"lora_ext: cannot merge into {where}: its Linear4bit weight was repacked by bitsandbytes' CPU "
                 "inference path (quant_state.packing_format_for_cpu, after running the layer in eval mode without "
                 "gradients); lora_ext reads only bitsandbytes' standard layout. Reload the 4-bit model; nothing was "
                 "merged"
@@ -191,7 +202,7 @@ class LoraLinear4bit(LoraLinear):
         if self.quant_type == "nf4":
             # bitsandbytes rounds the dequantized weight to the quant_state dtype before casting it
             return dequantize_nf4(self.nf4_weight(), self.quant_dtype).to(dtype)
-        return dequantize_4bit_storage(self._quantized.weight, dtype)
+        return dequantize_4bit_storage(self._quantized.weight, dtype, self._offset_float())
 
     # ---- adapters
 
@@ -250,7 +261,7 @@ class LoraLinear4bit(LoraLinear):
         if self.quant_type == "nf4":
             weight: Tensor | NF4Weight = self.nf4_weight()
         else:
-            weight = dequantize_4bit_storage(self.base_layer.weight, amp or dtype)
+            weight = dequantize_4bit_storage(self.base_layer.weight, amp or dtype, self._offset_float())
         y = lora_linear_multi(x, weight, bias, adapters, compute_dtype=dtype)
         return y if amp is not None else y.to(x.dtype)
 
@@ -267,8 +278,8 @@ class LoraLinear4bit(LoraLinear):
         q = self._quantized
         merged = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
         merged.weight = nn.Parameter(w, requires_grad=False)
-        if q.bias is not None:
-            merged.bias = nn.Parameter(q.bias.detach().to(w.dtype), requires_grad=q.bias.requires_grad)
+        if q.bias is not None:  # the same bias parameter (a trained bias stays one tensor) unless its dtype differs
+            merged.bias = q.bias if q.bias.dtype == w.dtype else nn.Parameter(q.bias.detach().to(w.dtype), False)
         self._bnb_layer = q
         self.base_layer = merged
 
