@@ -213,3 +213,16 @@ def test_trainer_with_an_accelerated_peft_model(tmp_path):
     got = _lora_values(pm2)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_save_pretrained_takes_the_values_of_a_given_state_dict(tmp_path):
+    """Trainer passes a gathered state_dict under FSDP/DeepSpeed: its values are the ones written."""
+    model = _injected(_base())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    key = next(k for k in state if ".lora_A.default." in k)
+    state[key] += 1.0
+    model.save_pretrained(str(tmp_path), state_dict=state)
+    saved = safetensors_torch.load_file(str(tmp_path / "adapter_model.safetensors"))
+    peft_key = "base_model.model." + key.replace(".default.", ".")
+    torch.testing.assert_close(saved[peft_key], state[key], rtol=0, atol=0)
+    assert not torch.equal(saved[peft_key], model.state_dict()[key])
