@@ -226,3 +226,20 @@ def test_save_pretrained_takes_the_values_of_a_given_state_dict(tmp_path):
     peft_key = "base_model.model." + key.replace(".default.", ".")
     torch.testing.assert_close(saved[peft_key], state[key], rtol=0, atol=0)
     assert not torch.equal(saved[peft_key], model.state_dict()[key])
+
+
+def test_plain_from_pretrained_of_a_checkpoint_loads_base_and_adapter(tmp_path):
+    """The checkpoint names its base (base_model_name_or_path), so transformers' from_pretrained finds both."""
+    _base().save_pretrained(str(tmp_path / "base"))
+    base = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base"))
+    model = _injected(base)
+    _trainer(model, tmp_path / "run", max_steps=2, save_steps=2).train()
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
+    ids = llama_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(loaded(ids).logits, base.eval()(ids).logits)
