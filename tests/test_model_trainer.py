@@ -213,3 +213,33 @@ def test_trainer_with_an_accelerated_peft_model(tmp_path):
     got = _lora_values(pm2)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_save_pretrained_takes_the_values_of_a_given_state_dict(tmp_path):
+    """Trainer passes a gathered state_dict under FSDP/DeepSpeed: its values are the ones written."""
+    model = _injected(_base())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    key = next(k for k in state if ".lora_A.default." in k)
+    state[key] += 1.0
+    model.save_pretrained(str(tmp_path), state_dict=state)
+    saved = safetensors_torch.load_file(str(tmp_path / "adapter_model.safetensors"))
+    peft_key = "base_model.model." + key.replace(".default.", ".")
+    torch.testing.assert_close(saved[peft_key], state[key], rtol=0, atol=0)
+    assert not torch.equal(saved[peft_key], model.state_dict()[key])
+
+
+def test_plain_from_pretrained_of_a_checkpoint_loads_base_and_adapter(tmp_path):
+    """The checkpoint names its base (base_model_name_or_path), so transformers' from_pretrained finds both."""
+    _base().save_pretrained(str(tmp_path / "base"))
+    base = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base"))
+    model = _injected(base)
+    _trainer(model, tmp_path / "run", max_steps=2, save_steps=2).train()
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
+    ids = llama_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(loaded(ids).logits, base.eval()(ids).logits)
