@@ -200,8 +200,10 @@ def resolve_modules_to_save(
 ) -> list[tuple[str, nn.Module]]:
     """Modules selected by ``config.modules_to_save`` (PEFT's plain suffix match).
 
-    Each entry must match a module, except those in ``tolerated`` (the entries a
-    task type adds, or all of them when loading a file, as PEFT does).
+    An entry that matches nothing is tolerated, as PEFT tolerates it; one the user
+    wrote (not in ``tolerated``: the entries a task type adds, or all of them when
+    loading a file) gets one warning, so a typo is seen but a config PEFT accepts
+    is accepted here too.
     """
     if not config.modules_to_save:
         return []
@@ -221,5 +223,10 @@ def resolve_modules_to_save(
     tolerated = set(tolerated)
     missing = [m for m, c in hits.items() if c == 0 and m not in tolerated]
     if missing:
-        raise ValueError(f"lora_ext: modules_to_save entries {missing} match no module of the model")
+        warnings.warn(
+            f"lora_ext: modules_to_save entries {missing} match no module of the model; they are ignored, "
+            "as PEFT ignores them (check the names)",
+            UserWarning,
+            stacklevel=4,
+        )
     return found

@@ -214,9 +214,9 @@ def _inject(
         targets.append(_Target(name, module, r, alpha, config.use_dora))
     if config.use_dora:
         _check_dora_targets(targets)
-    # PEFT never refuses a modules_to_save entry that matches nothing; we do for the user's own
-    # entries of inject_adapter (a typo must not be ignored), not for those a task type adds nor
-    # for a file's (load_adapter), whose tensors are checked instead.
+    # PEFT never refuses a modules_to_save entry that matches nothing, nor do we; the user's own
+    # entries of inject_adapter get a warning (a typo is seen), those a task type adds and a
+    # file's (load_adapter, whose tensors are checked instead) none.
     tolerated = config.task_modules_to_save() if strict else (config.modules_to_save or [])
     mts = _targets.resolve_modules_to_save(candidates, config, {t.name for t in targets}, tolerated)
     bases = [t.module.base_layer if isinstance(t.module, LoraLayer) else t.module for t in targets]
