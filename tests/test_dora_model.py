@@ -292,3 +292,14 @@ def test_bf16_base_within_the_rule_of_peft():
         err_ours = (ours(ids).logits.double() - y64).abs().max().item()
         err_peft = (pm(input_ids=ids).logits.double() - y64).abs().max().item()
     assert err_ours <= 2 * err_peft + 1e-2, (err_ours, err_peft)
+
+
+def test_torch_compile_fullgraph_of_a_dora_model():
+    _, ours, _ = _pair()
+    ids = llama_ids()
+    y = ours(ids).logits
+    compiled = torch.compile(ours, fullgraph=True, backend="eager")
+    y_c = compiled(ids).logits
+    torch.testing.assert_close(y_c, y, rtol=1e-6, atol=1e-6)
+    _loss(y_c).backward()
+    assert ours.model.layers[0].self_attn.q_proj.lora_magnitude_vector["default"].weight.grad.abs().sum() > 0
