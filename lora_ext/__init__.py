@@ -14,6 +14,7 @@ from .model import (
     LoraConfig,
     active_adapter,
     active_adapters,
+    add_weighted_adapter,
     delete_adapter,
     disable_adapters,
     inject_adapter,
@@ -27,13 +28,17 @@ from .model import (
     unload,
     unmerge_adapter,
 )
-from .nn import LoraEmbedding, LoraLinear, LoraLinearNF4
+from .nn import LoraEmbedding, LoraLinear, LoraLinear4bit, LoraLinearDora, LoraLinearNF4
 from .ops import (
     STRATEGIES,
+    MergeRecord,
     build_info,
+    dora_linear,
+    dora_weight_norm,
     dropout_mask,
     extension_loaded,
     lora_linear,
+    lora_linear_mixed,
     lora_linear_nf4,
     merge_,
     merged_weight,
@@ -49,10 +54,14 @@ __version__ = "0.1.0"
 __all__ = [
     # fused ops
     "STRATEGIES",
+    "MergeRecord",
     "build_info",
+    "dora_linear",
+    "dora_weight_norm",
     "dropout_mask",
     "extension_loaded",
     "lora_linear",
+    "lora_linear_mixed",
     "merge_",
     "merged_weight",
     "ops",
@@ -62,8 +71,10 @@ __all__ = [
     "LoraConfig",
     "LoraEmbedding",
     "LoraLinear",
+    "LoraLinearDora",
     "active_adapter",
     "active_adapters",
+    "add_weighted_adapter",
     "delete_adapter",
     "disable_adapters",
     "inject_adapter",
@@ -79,6 +90,7 @@ __all__ = [
     "unmerge_adapter",
     # QLoRA
     "LinearNF4",
+    "LoraLinear4bit",
     "LoraLinearNF4",
     "NF4Weight",
     "dequantize_nf4",

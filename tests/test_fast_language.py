@@ -404,18 +404,15 @@ def test_for_inference_merges_and_for_training_restores_exactly(folder, dtype, s
 
     # A plain merge + unmerge does not give the weights back (so the check below can fail).
     probe = copy.deepcopy(model)
-    lora_ext.merge_adapter(probe)
+    lora_ext.merge_adapter(probe, exact=False)
     lora_ext.unmerge_adapter(probe)
     changed = sum(int((probe.state_dict()[k] != v).sum()) for k, v in before.items())
     assert changed > 0
 
     FastLanguageModel.for_inference(model)
     assert not model.training
-    record = model._lora_ext_inference
-    if std == 0.01:  # a few % of the elements differ after the round trip: their indices and values are kept
-        assert record.fixes and not record.originals
-    else:  # most elements differ: a copy of the weight is smaller
-        assert record.originals and not record.fixes
+    # merged exactly: the elements a plain round trip would not restore are recorded per layer
+    assert all(m._merge_records for m in model.modules() if isinstance(m, LoraLinear))
     layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
     assert layers and all(m.merged for m in layers)
     assert not any(p.requires_grad for p in model.parameters())

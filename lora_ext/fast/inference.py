@@ -1,14 +1,9 @@
 """``for_inference`` / ``for_training``: merged adapters for inference, the exact trainable state back for training.
 
-Merging ``W ← round(W + s·BA)`` and unmerging ``round(W' − s·BA)`` does not give
-``W`` back bit for bit (docs/model_api.md, "Numerics of merging"): about 1-2 %
-of the elements differ for a trained-size delta, most of them for a delta as
-large as the weights. So ``for_inference`` computes, right after merging, what
-the unmerge will give, and records the elements where it differs from the
-original bits: their flat indices (int32) and original values, or, when that
-would take more memory than the weight itself, a copy of the original weight
-in CPU memory. ``for_training`` unmerges and writes those elements back: the
-weights are the original bits again.
+Dense layers are merged with lora_ext's exact merge (``LoraLayer.merge(exact=True)``,
+docs/model_api.md "Exact merge"): the elements a merge/unmerge round trip would
+not restore are recorded, and the unmerge in ``for_training`` writes them back,
+so the weights are the original bits again.
 
 An NF4 base (``LoraLinearNF4``) is not merged by default: merging would
 dequantize it into a full-precision layer, which undoes the 4-bit load. It
@@ -22,15 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..model.inject import _state, _unwrap, lora_layers
-from ..nn.layers import LoraLayer, LoraLinearNF4
+from ..nn.layers import LoraLinearNF4
 
 __all__ = ["for_inference", "for_training"]
 
 _ATTR = "_lora_ext_inference"
-_INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 _MERGE_OPTIONS = ("auto", "all", "none")
 
 
@@ -38,34 +32,7 @@ _MERGE_OPTIONS = ("auto", "all", "none")
 class _InferenceState:
     training: dict[str, bool] = field(default_factory=dict)  # module name -> .training
     requires_grad: dict[str, bool] = field(default_factory=dict)  # parameter name -> requires_grad
-    fixes: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> (flat indices, original values)
-    originals: dict[str, Tensor] = field(default_factory=dict)  # layer -> original weight (CPU), when smaller
     merged: list[str] = field(default_factory=list)  # layers merged by for_inference
-
-
-def _bits(t: Tensor) -> Tensor:
-    return t.view(_INT_VIEW[t.element_size()])
-
-
-def _dense_merge_exact(layer: LoraLayer, state: _InferenceState, name: str) -> None:
-    weight = layer.base_layer.weight
-    before = weight.detach().clone()
-    layer.merge()
-    with torch.no_grad():
-        # What unmerge() will compute from the merged weight: the same code, run now on a copy.
-        merged = weight.data
-        weight.data = merged.clone()
-        layer._unmerge_all()
-        back = weight.data
-        weight.data = merged
-    wrong = (_bits(before) != _bits(back)).flatten().nonzero().squeeze(1)
-    del back
-    index_dtype = torch.int32 if before.numel() < 2**31 else torch.int64
-    sparse_bytes = wrong.numel() * (index_dtype.itemsize + before.element_size())
-    if sparse_bytes < before.numel() * before.element_size():
-        state.fixes[name] = (wrong.to(index_dtype), before.flatten()[wrong].clone())
-    else:
-        state.originals[name] = before.cpu() if before.device.type != "cpu" else before
 
 
 def for_inference(model: nn.Module, *, merge: str = "auto") -> nn.Module:
@@ -105,7 +72,7 @@ def for_inference(model: nn.Module, *, merge: str = "auto") -> nn.Module:
                     layer.merge()  # swaps in a dequantized layer; the NF4 one is kept and put back by unmerge
                     state.merged.append(name)
                 continue
-            _dense_merge_exact(layer, state, name)
+            layer.merge(exact=True)
             state.merged.append(name)
     for p in root.parameters():
         p.requires_grad_(False)
@@ -126,14 +93,7 @@ def for_training(model: nn.Module) -> nn.Module:
     modules = dict(root.named_modules())
     with torch.no_grad():
         for name in reversed(state.merged):
-            layer = modules[name]
-            layer.unmerge()
-            weight = layer.base_layer.weight
-            if name in state.originals:
-                weight.data.copy_(state.originals[name])
-            elif name in state.fixes:
-                index, values = state.fixes[name]
-                weight.data.view(-1)[index.long()] = values
+            modules[name].unmerge()  # exact: the recorded elements are written back
     for n, p in root.named_parameters():
         if n in state.requires_grad:
             p.requires_grad_(state.requires_grad[n])
