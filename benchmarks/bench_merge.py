@@ -152,7 +152,6 @@ def bench_speed(n: int, k: int, r: int, dt: torch.dtype, s: Settings, progress) 
     mem = common.peak_memory(lambda: lx.merge_(w, a, b, scale, record=recs[0]), dev)
     lx.unmerge_(w, a, b, scale, record=recs[0])
     row(f"{label}_exact", t.ms, t.runs, mem, record_bytes=sizes["bytes"], record_frac=sizes["bytes"] / (nbytes / 2))
-    del exact_sets
     if progress is not None:
         progress.update(f"merge N={n} K={k} {label} exact")
 
