@@ -6,7 +6,7 @@ import os
 import warnings
 from typing import Any
 
-from . import common, goals
+from . import bench_dora, common, goals
 
 Row = dict[str, Any]
 
@@ -231,6 +231,29 @@ def nf4_bits_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
     return headers, [[r["layer"], r["blocksize"], r["double_quant"], r["bits_per_param"]] for r in rows]
 
 
+def mixed_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
+    rows = [r for r in rows if r.get("bench") == "mixed"]
+    headers = ["M (rows)", "K", "N", "r", "adapters", "dtype", "method", "op", "ms", "×dense", "×PEFT"]
+    order = {"base": 0, "dense": 1, "lora_ext": 2, "lora_ext[fallback]": 2, "peft": 3}
+    rows = sorted(rows, key=lambda r: (r["n_adapters"], r["op"], order.get(r["method"], 9)))
+    return headers, [
+        [
+            f"{r['M']} ({r['rows']})",
+            r["K"],
+            r["N"],
+            r["r"],
+            r["n_adapters"],
+            r["dtype"],
+            r["method"],
+            r["op"],
+            r["ms"],
+            r["vs_dense"],
+            r["vs_peft"],
+        ]  # fmt: skip
+        for r in rows
+    ]
+
+
 TABLES = (  # (title, table function): the terminal output and the report, in this order
     ("LoRA linear", lora_linear_table),
     ("per-call overhead (one layer, fwd+bwd)", percall_table),
@@ -239,6 +262,8 @@ TABLES = (  # (title, table function): the terminal output and the report, in th
     ("exact merge record size", record_table),
     ("QLoRA (NF4) layer", nf4_table),
     ("NF4 storage", nf4_bits_table),
+    ("mixed-adapter batches (one adapter per row)", mixed_table),
+    ("DoRA layer (fwd+bwd)", bench_dora.table),
     ("end to end", e2e_table),
 )
 

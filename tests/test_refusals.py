@@ -9,15 +9,15 @@ from model_helpers import inject, llama_ids, tiny_llama
 import lora_ext
 
 
-def test_adapter_names_is_refused_not_ignored():
-    """PEFT's mixed-adapter batches are not implemented: every row would get the active adapter."""
+def test_adapter_names_is_honoured_or_refused_not_ignored():
+    """Mixed-adapter batches (tests/test_mixed_model.py): an unknown name raises instead of being ignored."""
     model = inject(tiny_llama())
     ids = llama_ids()
-    with pytest.raises(ValueError, match="adapter_names"):
-        model(ids, adapter_names=["default", "__base__"])
-    model(ids)  # without it the model runs
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model(ids, adapter_names=["default", "other"])
+    model(ids, adapter_names=["default", "__base__"])
     lora_ext.unload(model)
-    assert not model._forward_pre_hooks  # unload removes the refusal with the adapters
+    assert not model._forward_pre_hooks and not model._forward_hooks  # unload removes the hooks
 
 
 def test_input_dtype_must_match_the_layer_outside_autocast():

@@ -32,7 +32,7 @@ from .. import ops
 from ..ops.exact_merge import MergeRecord
 from ..quant.linear import LinearNF4
 from ..quant.nf4 import NF4Weight, dequantize_nf4
-from . import exact_merge
+from . import exact_merge, mixed
 
 __all__ = ["LoraEmbedding", "LoraLayer", "LoraLinear", "LoraLinearNF4", "ModulesToSaveWrapper", "lora_linear_multi"]
 
@@ -73,12 +73,8 @@ def lora_linear_multi(
     """
     amp = ops.autocast_dtype_for(x)
     dtype = amp if amp is not None else (compute_dtype or weight.dtype)
-    if amp is None and compute_dtype is None and x.dtype != dtype:
-        # nn.Linear's (and PEFT's) rule: no silent conversion of the input outside autocast.
-        raise TypeError(
-            f"lora_ext: input x has dtype {x.dtype} but the layer's weight is {dtype}; "
-            "cast the input (or the model), or run under torch.autocast"
-        )
+    if compute_dtype is None:
+        check_input_dtype(x, dtype)
     # The fallback kernels run plain torch ops; under autocast those would be
     # re-cast to low precision, breaking the fp32-accumulation contract.
     guard = torch.autocast(x.device.type, enabled=False) if amp is not None else contextlib.nullcontext()
@@ -91,6 +87,15 @@ def lora_linear_multi(
             xd = F.dropout(xc, p_i, training=True) if p_i > 0 else xc
             y = y + F.linear(F.linear(xd, _cast(a_i, dtype)), _cast(b_i, dtype)) * s_i
     return y
+
+
+def check_input_dtype(x: Tensor, weight_dtype: torch.dtype) -> None:
+    """nn.Linear's (and PEFT's) rule: outside autocast, x must have the weight's dtype (no silent conversion)."""
+    if x.dtype != weight_dtype and ops.autocast_dtype_for(x) is None:
+        raise TypeError(
+            f"lora_ext: input x has dtype {x.dtype} but the layer's weight is {weight_dtype}; "
+            "cast the input (or the model), or run under torch.autocast"
+        )
 
 
 def base_layer_is_hooked(base: nn.Module) -> bool:
@@ -119,6 +124,10 @@ class LoraLayer(nn.Module):
     # Names of the attributes that hold per-adapter trainable parameters (PEFT's names).
     adapter_layer_names: tuple[str, ...] = ()
     base_type: type[nn.Module] = nn.Module  # what the subclass wraps
+    # Mixed-adapter batches (lora_ext/nn/mixed.py): whether the layer routes rows to adapters, and
+    # the per-row adapter names the model-level hook sets for one forward (None otherwise).
+    supports_mixed_batch = False
+    _mixed_adapter_names: list[str] | None = None
     base_name = "a module"
 
     def __init__(
@@ -282,6 +291,9 @@ class LoraLayer(nn.Module):
             w = _merged(w, *self.delta_factors(name), self.scaling[name])
         return w
 
+    def check_mergeable(self, name: str | None = None) -> None:
+        """Raise ``ValueError`` if this layer's adapters cannot be merged into its base (hook)."""
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, exact: bool = True) -> None:
         """Add the active (or given) adapters into the base weight, fp32 accumulation, one rounding.
 
@@ -442,7 +454,12 @@ class LoraLinear(LoraLayer):
         """Adapter ``name``'s factors under PEFT's key suffixes."""
         return dict(zip(self.factor_keys, (self.lora_A[name].weight, self.lora_B[name].weight)))
 
+    supports_mixed_batch = True
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self._check_input(x)
+        if self._mixed_adapter_names is not None:
+            return mixed.linear_forward(self, x, self._mixed_adapter_names, *args, **kwargs)
         if self._disable_adapters or self.merged_adapters or args or kwargs:
             return self.base_layer(x, *args, **kwargs)
         active = [a for a in self._active_adapters if a in self.r]
@@ -462,6 +479,10 @@ class LoraLinear(LoraLayer):
             return add_lora_unfused(base(x), x, adapters)
         return self._fused_forward(x, adapters)
 
+    def _check_input(self, x: Tensor) -> None:
+        """The same TypeError on every path (fused, merged, disabled, hooked base) for a wrong input dtype (hook)."""
+        check_input_dtype(x, self.base_layer.weight.dtype)
+
     def _fused_forward(self, x: Tensor, adapters: list[tuple[Tensor, Tensor, float, float]]) -> Tensor:
         """Base layer and adapters in one fused call (hook: an NF4 base dequantizes inside the op)."""
         return lora_linear_multi(x, self.base_layer.weight, self.base_layer.bias, adapters)
@@ -478,9 +499,11 @@ class LoraLinearNF4(LoraLinear):
     output comes back in x's dtype.
 
     ``merge()`` cannot add into 4-bit losslessly: it swaps ``base_layer`` for an
-    ``nn.Linear`` holding the dequantized-and-merged weight in compute dtype
-    (so ``merge_and_unload`` returns plain ``nn.Linear`` layers), and
-    ``unmerge()`` puts the original NF4 layer back unchanged.
+    ``nn.Linear`` holding the dequantized-and-merged weight in the layer's original
+    dtype (``quant_dtype``, the dtype the weight had before quantization: an fp32
+    model whose NF4 layers compute in bf16 gets fp32 layers back), so
+    ``merge_and_unload`` returns plain ``nn.Linear`` layers that run in the
+    model's dtype; ``unmerge()`` puts the original NF4 layer back unchanged.
     """
 
     base_type = LinearNF4
@@ -492,6 +515,11 @@ class LoraLinearNF4(LoraLinear):
 
     def _check_base(self, base_layer: nn.Module) -> None:
         pass  # uint8 codes by design
+
+    def _check_input(self, x: Tensor) -> None:
+        # bitsandbytes' rule: a floating x is cast to the compute dtype; anything else is refused
+        if not x.is_floating_point():
+            raise TypeError(f"lora_ext: input x has dtype {x.dtype}; a LoRA NF4 layer needs a floating-point input")
 
     @property
     def _quantized(self) -> LinearNF4:
@@ -515,8 +543,9 @@ class LoraLinearNF4(LoraLinear):
         return y if ops.autocast_dtype_for(x) is not None else y.to(x.dtype)
 
     def _unmerged_weight(self) -> Tensor:
+        # the original dtype, not the compute dtype: the merged layer runs among the model's other layers
         nf4 = self._quantized
-        return dequantize_nf4(nf4.nf4, nf4.compute_dtype or nf4.quant_dtype)
+        return dequantize_nf4(nf4.nf4, nf4.quant_dtype)
 
     def _merge_names(self, names: list[str], safe_merge: bool, exact: bool = False) -> None:
         with torch.no_grad():
@@ -616,7 +645,11 @@ class LoraEmbedding(LoraLayer):
         """Adapter ``name``'s factors under PEFT's key suffixes."""
         return dict(zip(self.factor_keys, (self.lora_embedding_A[name], self.lora_embedding_B[name])))
 
+    supports_mixed_batch = True
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self._mixed_adapter_names is not None:
+            return mixed.embedding_forward(self, x, self._mixed_adapter_names, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self._disable_adapters or self.merged_adapters:
             return result
@@ -654,6 +687,12 @@ class ModulesToSaveWrapper(nn.Module):
     copy used while that adapter is active and adapters are enabled.
     """
 
+    _mixed_adapter_names: list[str] | None = None  # set for one forward by adapter_names (lora_ext/nn/mixed.py)
+
+    @property
+    def supports_mixed_batch(self) -> bool:
+        return isinstance(self.original_module, mixed.ROW_WISE_MODULES)
+
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.original_module = module
@@ -689,6 +728,10 @@ class ModulesToSaveWrapper(nn.Module):
         return self.original_module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._mixed_adapter_names is not None:
+            if not args:
+                raise ValueError("lora_ext: adapter_names needs the modules_to_save input as a positional argument")
+            return mixed.modules_to_save_forward(self, args[0], self._mixed_adapter_names, *args[1:], **kwargs)
         return self.active_module()(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
