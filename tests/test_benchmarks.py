@@ -67,7 +67,9 @@ def test_lora_linear_csv(quick_run):
 def test_merge_and_e2e_csv(quick_run):
     out, _ = quick_run
     merge = _csv(out / "merge.csv")
-    assert {r["bench"] for r in merge} == {"merge", "merge_drift"}
+    assert {r["bench"] for r in merge} == {"merge", "merge_drift", "merge_record"}
+    assert any(r["method"].endswith("_exact") for r in merge if r["bench"] == "merge")
+    assert all(float(r["record_frac"]) > 0 for r in merge if r["bench"] == "merge_record")
     assert any(r["method"] == "copy" for r in merge)
     assert all(float(r["GB_per_s"]) > 0 for r in merge if r["bench"] == "merge")
     assert all(r["cpu_capability"] for r in merge)

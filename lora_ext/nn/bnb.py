@@ -270,7 +270,7 @@ class LoraLinear4bit(LoraLinear):
     def _unmerged_weight(self) -> Tensor:
         return self.dequantize(self.quant_dtype)
 
-    def _merge_names(self, names: list[str], safe_merge: bool) -> None:
+    def _merge_names(self, names: list[str], safe_merge: bool, exact: bool = False) -> None:  # exact: not for this kind
         with torch.no_grad():
             w = self.merged_weight(self.merged_adapters + names)
             if safe_merge and not torch.isfinite(w).all():

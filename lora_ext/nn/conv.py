@@ -176,7 +176,7 @@ class LoraConvNd(LoraLayer):
     def merged_weight(self, names: list[str] | None = None) -> Tensor:
         return super().merged_weight(names).reshape(self.base_layer.weight.shape)
 
-    def _merge_names(self, names: list[str], safe_merge: bool) -> None:
+    def _merge_names(self, names: list[str], safe_merge: bool, exact: bool = False) -> None:  # exact: not for this kind
         self.check_mergeable()
         weight = self.base_layer.weight
         with torch.no_grad():

@@ -235,7 +235,7 @@ class LoraLinearDora(LoraLinear):
         finally:
             self._merged_norms = norms
 
-    def _merge_names(self, names: list[str], safe_merge: bool) -> None:
+    def _merge_names(self, names: list[str], safe_merge: bool, exact: bool = False) -> None:  # exact: not for this kind
         all_names = list(self.merged_adapters) + names
         with torch.no_grad():
             w0 = self._unmerged_weight()
