@@ -9,7 +9,8 @@ An NF4 base (``LoraLinearNF4``) is not merged by default: merging would
 dequantize it into a full-precision layer, which undoes the 4-bit load. It
 stays 4-bit with its adapters on the fused dequantize-and-LoRA op
 (``merge="all"`` merges those too; their unmerge puts the NF4 layer back
-unchanged).
+unchanged); bitsandbytes ``Linear4bit`` bases likewise. Conv and DoRA layers,
+whose unmerge is exact only to rounding, stay unmerged (still exactly reversible).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch
 from torch import nn
 
 from ..model.inject import _state, _unwrap, lora_layers
-from ..nn.layers import LoraLinearNF4
 
 __all__ = ["for_inference", "for_training"]
 
@@ -67,11 +67,13 @@ def for_inference(model: nn.Module, *, merge: str = "auto") -> nn.Module:
         for name, layer in layers:
             if not layer.active_adapters:
                 continue
-            if isinstance(layer, LoraLinearNF4):
+            if layer.exact_unmerge == "restore":  # 4-bit bases (LinearNF4, bitsandbytes Linear4bit)
                 if merge == "all":
-                    layer.merge()  # swaps in a dequantized layer; the NF4 one is kept and put back by unmerge
+                    layer.merge()  # swaps in a dequantized layer; the 4-bit one is kept and put back by unmerge
                     state.merged.append(name)
                 continue
+            if not layer.supports_exact_merge():
+                continue  # conv / DoRA layers: a merge would not reverse bit for bit; they stay unmerged
             layer.merge(exact=True)
             state.merged.append(name)
     for p in root.parameters():

@@ -481,13 +481,16 @@ def _check_tied(layers: list[tuple[str, LoraLayer]]) -> None:
         owners[key] = name
 
 
-def merge_adapter(model: nn.Module, safe_merge: bool = False, exact: bool = True) -> None:
+def merge_adapter(model: nn.Module, safe_merge: bool = False, exact: bool | None = None) -> None:
     """Merge the active adapter(s) into the base weights: ``W += s · B A``, fp32 accumulation, one rounding.
 
-    ``exact`` (the default; fp32/fp16/bf16 weights): each layer keeps a record of the elements
-    that ``W' − s·BA`` would not restore, so :func:`unmerge_adapter` gives the weights back bit
-    for bit after any number of cycles (``memory_report(model)["merge_record_bytes"]``);
-    ``exact=False`` keeps no record. Merging an already merged model warns and does nothing. With
+    ``exact=None`` (the default) is exact wherever a layer supports it: Linear, Embedding and
+    Conv1D layers with fp32/fp16/bf16 weights keep a record of the elements that ``W' − s·BA``
+    would not restore, so :func:`unmerge_adapter` gives the weights back bit for bit after any
+    number of cycles (``memory_report(model)["merge_record_bytes"]``), and 4-bit layers get
+    their original layer back; conv and DoRA layers (and fp64 weights) unmerge by the inverse
+    formula, exact to rounding, as PEFT. ``exact=True`` requires exactness (``ValueError``
+    naming the first layer that cannot, before any change); ``exact=False`` keeps no record. Merging an already merged model warns and does nothing. With
     ``safe_merge=True`` every merged weight is computed and checked first;
     if any is non-finite, ``ValueError`` names the layer and no weight changes.
     """
@@ -502,6 +505,8 @@ def merge_adapter(model: nn.Module, safe_merge: bool = False, exact: bool = True
     _check_tied(layers)
     for name, layer in layers:  # a layer that cannot merge at all refuses before any layer changes
         layer.check_mergeable(name)
+        if exact and not layer.supports_exact_merge():
+            raise ValueError(f"lora_ext: {layer._exact_refusal()} ({name!r}); nothing was merged")
     if safe_merge:
         with torch.no_grad():
             for name, layer in layers:

@@ -128,6 +128,8 @@ class LoraLinear4bit(LoraLinear):
     gives PEFT's re-quantized ``Linear4bit`` on request.
     """
 
+    exact_unmerge = "restore"  # unmerge puts the original Linear4bit back
+
     base_type = nn.Linear  # Linear4bit subclasses nn.Linear; _check_base asks for the bitsandbytes class
     base_name = "a bitsandbytes Linear4bit"
 
@@ -270,7 +272,9 @@ class LoraLinear4bit(LoraLinear):
     def _unmerged_weight(self) -> Tensor:
         return self.dequantize(self.quant_dtype)
 
-    def _merge_names(self, names: list[str], safe_merge: bool, exact: bool = False) -> None:  # exact: not for this kind
+    def _merge_names(
+        self, names: list[str], safe_merge: bool, exact: bool = False
+    ) -> None:  # exact: unmerge restores the original layer
         with torch.no_grad():
             w = self.merged_weight(self.merged_adapters + names)
             if safe_merge and not torch.isfinite(w).all():

@@ -87,6 +87,8 @@ class LoraConvNd(LoraLayer):
     (``groups > 1``), whose LoRA update is not a grouped weight.
     """
 
+    exact_unmerge = None  # unmerge is the inverse formula, as in PEFT
+
     adapter_layer_names = ("lora_A", "lora_B")
     factor_keys = ("lora_A.weight", "lora_B.weight")
     feature_attrs = ("in_channels", "out_channels")
@@ -176,7 +178,9 @@ class LoraConvNd(LoraLayer):
     def merged_weight(self, names: list[str] | None = None) -> Tensor:
         return super().merged_weight(names).reshape(self.base_layer.weight.shape)
 
-    def _merge_names(self, names: list[str], safe_merge: bool, exact: bool = False) -> None:  # exact: not for this kind
+    def _merge_names(
+        self, names: list[str], safe_merge: bool, exact: bool = False
+    ) -> None:  # exact is False here (exact_unmerge None)
         self.check_mergeable()
         weight = self.base_layer.weight
         with torch.no_grad():

@@ -55,6 +55,8 @@ class LoraLinearDora(LoraLinear):
     rounding) and remembers the norm, so ``unmerge()`` can divide it out again, as PEFT.
     """
 
+    exact_unmerge = None  # unmerge is the inverse formula, as in PEFT
+
     adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def _init_containers(self, base_layer: nn.Module) -> None:
@@ -235,7 +237,9 @@ class LoraLinearDora(LoraLinear):
         finally:
             self._merged_norms = norms
 
-    def _merge_names(self, names: list[str], safe_merge: bool, exact: bool = False) -> None:  # exact: not for this kind
+    def _merge_names(
+        self, names: list[str], safe_merge: bool, exact: bool = False
+    ) -> None:  # exact is False here (exact_unmerge None)
         all_names = list(self.merged_adapters) + names
         with torch.no_grad():
             w0 = self._unmerged_weight()

@@ -294,22 +294,49 @@ class LoraLayer(nn.Module):
     def check_mergeable(self, name: str | None = None) -> None:
         """Raise ``ValueError`` if this layer's adapters cannot be merged into its base (hook)."""
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, exact: bool = True) -> None:
+    #: How :meth:`unmerge` gives the base weight back: "record" (an exact merge keeps a
+    #: MergeRecord; fp32/fp16/bf16 weights), "restore" (the merge swaps in a new layer and
+    #: unmerge puts the original back: 4-bit bases) or None (unmerge is the inverse formula,
+    #: exact only to rounding: conv and DoRA layers, as in PEFT).
+    exact_unmerge: str | None = "record"
+
+    def supports_exact_merge(self) -> bool:
+        """True when :meth:`unmerge` after ``merge(exact=True)`` restores the base bit for bit."""
+        if self.exact_unmerge == "restore":
+            return True
+        return self.exact_unmerge == "record" and exact_merge.supports(self.base_layer.weight)
+
+    def merge(
+        self, safe_merge: bool = False, adapter_names: list[str] | None = None, exact: bool | None = None
+    ) -> None:
         """Add the active (or given) adapters into the base weight, fp32 accumulation, one rounding.
 
-        ``exact`` (fp32/fp16/bf16 weights): keep a :class:`~lora_ext.MergeRecord` per adapter so
-        that :meth:`unmerge` restores the weight bit for bit (lora_ext/nn/exact_merge.py).
+        ``exact``: None (default) is exact wherever this layer supports it
+        (:meth:`supports_exact_merge`): a :class:`~lora_ext.MergeRecord` per adapter lets
+        :meth:`unmerge` restore the weight bit for bit (lora_ext/nn/exact_merge.py). True
+        requires it (``ValueError`` where the layer cannot), False keeps no record.
 
         Raises:
             ValueError: with ``safe_merge``, if the merged weight would be
-                non-finite; the weight is left unchanged.
+                non-finite; with ``exact=True`` on a layer that cannot unmerge exactly.
+                The weight is left unchanged.
         """
+        if exact is None:
+            exact = self.supports_exact_merge()
+        elif exact and not self.supports_exact_merge():
+            raise ValueError(f"lora_ext: {self._exact_refusal()}; merge with exact=None or exact=False")
         names = [n for n in (adapter_names if adapter_names is not None else self.active_adapters)]
         names = [n for n in names if n not in self.merged_adapters]
         if not names:
             return
         self._merge_names(names, safe_merge, exact)
         self.merged_adapters.extend(names)
+
+    def _exact_refusal(self) -> str:
+        kind = type(self).__name__
+        if self.exact_unmerge is None:
+            return f"a {kind} cannot merge exactly (its unmerge is the inverse formula, exact only to rounding)"
+        return f"a {kind} with a {self.base_layer.weight.dtype} weight cannot merge exactly (fp32/fp16/bf16 only)"
 
     def _merge_names(self, names: list[str], safe_merge: bool, exact: bool = False) -> None:
         """Merge adapters ``names`` into the base (hook: an NF4 base swaps in a dequantized nn.Linear)."""
@@ -505,6 +532,8 @@ class LoraLinearNF4(LoraLinear):
     ``merge_and_unload`` returns plain ``nn.Linear`` layers that run in the
     model's dtype; ``unmerge()`` puts the original NF4 layer back unchanged.
     """
+
+    exact_unmerge = "restore"  # unmerge puts the original 4-bit layer back
 
     base_type = LinearNF4
     base_name = "a LinearNF4"
