@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_helpers import LLAMA_TARGETS, inject, llama_ids, randomize_lora, tiny_llama
+from model_helpers import LLAMA_TARGETS, inject, llama_ids, randomize_lora, tiny_cnn, tiny_llama
 
 import lora_ext
 from lora_ext.model import lora_layers
@@ -143,3 +143,28 @@ def test_fp64_weights_merge_plainly():
     lora_ext.merge_adapter(model)  # exact by default only where supported: fp64 merges without records
     assert all(layer.merged and not layer._merge_records for _, layer in lora_layers(model))
     lora_ext.unmerge_adapter(model)
+
+
+def test_exact_true_refuses_layers_that_cannot_unmerge_exactly():
+    # fp64 weights and conv layers unmerge by the inverse formula only: exact=None (the default)
+    # merges them plainly, exact=True refuses before any layer changes.
+    model = two_adapter_llama(torch.float64, std=0.08)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"float64 weight cannot merge exactly.*nothing was merged"):
+        lora_ext.merge_adapter(model, exact=True)
+    assert not any(layer.merged for _, layer in lora_layers(model))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+    cnn = tiny_cnn()
+    lora_ext.inject_adapter(cnn, lora_ext.LoraConfig(r=2, target_modules=["stem", "head"]))
+    randomize_lora(cnn)
+    with pytest.raises(ValueError, match=r"LoraConv2d cannot merge exactly.*'stem'.*nothing was merged"):
+        lora_ext.merge_adapter(cnn, exact=True)
+    assert not any(layer.merged for _, layer in lora_layers(cnn))
+    lora_ext.merge_adapter(cnn)  # default: the Linear head exactly, the conv by the formula
+    layers = dict(lora_layers(cnn))
+    assert layers["head"]._merge_records and not layers["stem"]._merge_records
+    lora_ext.unmerge_adapter(cnn)
+    with pytest.raises(ValueError, match="LoraConv2d cannot merge exactly"):  # the layer-level call too
+        layers["stem"].merge(exact=True)
+    assert not layers["stem"].merged
