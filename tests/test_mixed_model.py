@@ -180,6 +180,15 @@ def test_layer_level_length_mismatch_raises():
         layer(torch.randn(3, 8))
 
 
+def test_dora_adapters_are_refused():
+    """A layer whose adapter carries a DoRA magnitude (PEFT's attribute names) is not plain LoRA: it raises."""
+    layer = lora_ext.LoraLinear(torch.nn.Linear(8, 4), "default", r=2)
+    layer.use_dora = {"default": True}
+    layer._mixed_adapter_names = ["default", "__base__"]
+    with pytest.raises(ValueError, match="DoRA"):
+        layer(torch.randn(2, 8))
+
+
 def test_layer_without_mixed_support_raises_naming_it():
     """modules_to_save around a module whose rows are not independent for PEFT (an RMSNorm): asking
     for its adapter raises and names the layer; a batch without that adapter runs."""

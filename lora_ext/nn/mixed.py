@@ -86,6 +86,12 @@ def linear_forward(layer: LoraLinear, x: Tensor, names: list[str], *args, **kwar
     base = layer.base_layer
     if index is None:
         return base(x)
+    # Adapters with a weight-decomposed (DoRA) magnitude are not plain LoRA: refuse, as PEFT does.
+    dora = getattr(layer, "use_dora", None) or {}
+    magnitudes = getattr(layer, "lora_magnitude_vector", None) or {}
+    refused = [a for a in used if (isinstance(dora, dict) and dora.get(a)) or a in magnitudes]
+    if refused:
+        raise ValueError(f"lora_ext: adapter_names does not support DoRA adapters {refused} ({type(layer).__name__})")
     ranks = [layer.r[a] for a in used]
     scales = [layer.scaling[a] for a in used]
     ps = [layer.lora_dropout_p[a] if layer.training else 0.0 for a in used]
