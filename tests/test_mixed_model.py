@@ -189,6 +189,26 @@ def test_dora_adapters_are_refused():
         layer(torch.randn(2, 8))
 
 
+def test_layers_with_dora_adapters_raise_or_give_the_base():
+    """A layer holding DoRA magnitudes: asked for its adapter it raises (model level, before anything
+    runs); holding none of the requested adapters it gives every row the base output."""
+    model = tiny_llama()
+    inject(model, "a", seed=1, **CONFIG_A)
+    inject(model, "b", seed=2, r=2, lora_alpha=3, target_modules=["v_proj"])
+    randomize_lora(model, seed=3)
+    q = model.model.layers[0].self_attn.q_proj
+    q.lora_magnitude_vector = torch.nn.ModuleDict({"a": torch.nn.Linear(1, 1)})  # stands in for a DoRA layer
+    ids = llama_ids(batch=2, seq=4)
+    with pytest.raises(ValueError, match=r"DoRA adapters \(model\.layers\.0\.self_attn\.q_proj"):
+        model(ids, adapter_names=["a", "__base__"])
+    with torch.no_grad():
+        got = model(ids, adapter_names=["b", "b"]).logits  # q_proj holds no "b": base output there
+        lora_ext.set_adapter(model, "b")
+        want = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not q._disable_adapters
+
+
 def test_layer_without_mixed_support_raises_naming_it():
     """modules_to_save around a module whose rows are not independent for PEFT (an RMSNorm): asking
     for its adapter raises and names the layer; a batch without that adapter runs."""

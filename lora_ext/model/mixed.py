@@ -112,7 +112,14 @@ class MixedBatchHooks:
                     f"lora_ext: adapter_names cannot be honoured while adapters are merged ({path}: "
                     f"{m.merged_adapters}); call lora_ext.unmerge_adapter(model) first"
                 )
-            if getattr(m, "supports_mixed_batch", False):
+            magnitudes = getattr(m, "lora_magnitude_vector", None)
+            if held and magnitudes is not None and len(magnitudes):
+                # DoRA layers (lora_ext/nn/dora.py: a forward of their own) are not routed row by row.
+                raise ValueError(
+                    f"lora_ext: adapter_names is not supported on a layer with DoRA adapters ({path}, "
+                    f"{type(m).__name__}: {sorted(magnitudes.keys())}), as in PEFT"
+                )
+            if getattr(m, "supports_mixed_batch", False) and not (magnitudes is not None and len(magnitudes)):
                 plan.append((m, False))
             elif held:
                 raise ValueError(
