@@ -7,6 +7,8 @@ bytes (read W, write W); bandwidth = that / median time. The floor is
   copy            ``dst.copy_(W)``: the floor
   lora_ext        ``lora_ext.merge_`` then ``lora_ext.unmerge_`` (fp32 accumulation, one rounding),
                   and ``lora_ext.merged_weight`` (out of place: reads W, writes a new W)
+  lora_ext_exact  ``merge_``/``unmerge_`` with a ``MergeRecord`` (bit-exact unmerge); its rows carry
+                  ``record_bytes`` and ``record_frac`` (÷ W's bytes) for these factors (|ΔW| ≈ 2·|W|)
   peft            ``peft.tuners.lora.Linear.merge()`` then ``.unmerge()`` (delta ``B@A·s`` built
                   as a full N×K tensor in the adapter dtype, then added to W)
   torch_addmm     ``W.addmm_(B, A, alpha=±s)`` (plain PyTorch, in W's dtype)
@@ -15,6 +17,10 @@ merge and unmerge alternate so W stays bounded; they are timed separately.
 Inputs rotate over several independent (W, A, B) sets. ``vs_addmm``: time ÷
 ``addmm_``'s for the same op. On the CPU the 4096×4096 case runs in fp32 and
 bf16 whatever the run's dtype (both are goals).
+
+Record size (``merge_record`` rows): the exact merge's record as a fraction of W's bytes for
+|ΔW| = ratio × |W| (rms), ratio 1e-3 and 1e-2 (trained-LoRA-like), 0.1 and 1 (adversarial),
+fp32/bf16/fp16, W ~ N(0, 0.02).
 
 Drift: a bf16 W with bf16 factors, ``n`` merge+unmerge cycles, then the
 difference to the original W (max |ΔW| / max |W|, ‖ΔW‖/‖W‖, fraction of
@@ -126,6 +132,26 @@ def bench_speed(n: int, k: int, r: int, dt: torch.dtype, s: Settings, progress) 
     if progress is not None:
         progress.update(f"merge N={n} K={k} {label}")
 
+    recs = [lx.MergeRecord() for _ in sets]
+    sizes = {}
+
+    def exact_step(mark):
+        i = nxt()
+        w, a, b = sets[i]
+        lx.merge_(w, a, b, scale, record=recs[i])
+        mark("merge")
+        sizes["bytes"] = recs[i].nbytes
+        lx.unmerge_(w, a, b, scale, record=recs[i])
+        mark("unmerge")
+
+    t = common.time_op(exact_step, s)
+    w, a, b = sets[0]
+    mem = common.peak_memory(lambda: lx.merge_(w, a, b, scale, record=recs[0]), dev)
+    lx.unmerge_(w, a, b, scale, record=recs[0])
+    row(f"{label}_exact", t.ms, t.runs, mem, record_bytes=sizes["bytes"], record_frac=sizes["bytes"] / (nbytes / 2))
+    if progress is not None:
+        progress.update(f"merge N={n} K={k} {label} exact")
+
     layers = [make_peft_layer(w, a, b, scale * r) for w, a, b in sets]
     if layers[0] is not None:
 
@@ -194,7 +220,16 @@ def bench_drift(n: int, k: int, r: int, checkpoints: tuple[int, ...], device: st
         w.addmm_(b, a, alpha=scale)
         w.addmm_(b, a, alpha=-scale)
 
-    methods: list[tuple[str, Any, Any]] = [(label, w0.clone(), cycle_ext), ("torch_addmm", w0.clone(), cycle_addmm)]
+    def cycle_exact(w):
+        rec = lx.MergeRecord()
+        lx.merge_(w, a, b, scale, record=rec)
+        lx.unmerge_(w, a, b, scale, record=rec)
+
+    methods: list[tuple[str, Any, Any]] = [
+        (label, w0.clone(), cycle_ext),
+        (f"{label}_exact", w0.clone(), cycle_exact),
+        ("torch_addmm", w0.clone(), cycle_addmm),
+    ]
     if peft_layer is not None:
 
         def cycle_peft(_w):
@@ -226,8 +261,45 @@ def bench_drift(n: int, k: int, r: int, checkpoints: tuple[int, ...], device: st
     return rows
 
 
+RECORD_RATIOS = (1e-3, 1e-2, 1e-1, 1.0)
+
+
+def bench_record_size(device: str, quick: bool) -> list[dict[str, Any]]:
+    """Record bytes of one exact merge as a fraction of W's bytes, per |ΔW|/|W| ratio and dtype."""
+    lx = common.lora_ext()
+    n = k = 256 if quick else (4096 if device == "cuda" else 1024)
+    r, scale = 16, 2.0
+    rows = []
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for ratio in RECORD_RATIOS:
+            g = torch.Generator().manual_seed(7)
+            w = torch.randn(n, k, generator=g) * 0.02
+            a = torch.randn(r, k, generator=g) * k**-0.5
+            b = torch.randn(n, r, generator=g)
+            b = b * (ratio * 0.02 / (scale * b @ a).pow(2).mean().sqrt().item())
+            w, a, b = (t.to(device=device, dtype=dt) for t in (w, a, b))
+            rec = lx.MergeRecord()
+            lx.merge_(w, a, b, scale, record=rec)
+            w_bytes = w.numel() * w.element_size()
+            rows.append(
+                {
+                    "bench": "merge_record",
+                    "N": n,
+                    "K": k,
+                    "r": r,
+                    "dtype": common.DTYPE_NAMES[dt],
+                    "device": device,
+                    "ratio": ratio,
+                    "elements_recorded": rec.count / w.numel(),
+                    "record_bytes": rec.nbytes,
+                    "record_frac": rec.nbytes / w_bytes,
+                }
+            )
+    return rows
+
+
 def jobs(s: Settings) -> int:
-    return 3 * len(speed_cases(s)) + 1
+    return 4 * len(speed_cases(s)) + 2
 
 
 def run(s: Settings, progress=None) -> list[dict[str, Any]]:
@@ -238,4 +310,7 @@ def run(s: Settings, progress=None) -> list[dict[str, Any]]:
     rows += bench_drift(n, k, r, checkpoints, s.device)
     if progress is not None:
         progress.update("bf16 drift")
+    rows += bench_record_size(s.device, s.quick)
+    if progress is not None:
+        progress.update("exact merge record size")
     return rows

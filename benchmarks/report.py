@@ -6,7 +6,7 @@ import os
 import warnings
 from typing import Any
 
-from . import common, goals
+from . import bench_dora, common, goals
 
 Row = dict[str, Any]
 
@@ -94,7 +94,8 @@ def lora_linear_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
 def merge_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
     rows = [r for r in rows if r.get("bench") == "merge"]
     headers = ["N", "K", "r", "dtype", "method", "op", "ms", "GB/s", "of copy bw", "×addmm_", "peak extra MiB"]
-    order = {"copy": 0, "lora_ext": 1, "fallback": 1, "peft": 2, "torch_addmm": 3}
+    order = {"copy": 0, "lora_ext": 1, "fallback": 1, "lora_ext_exact": 1.5, "fallback_exact": 1.5, "peft": 2}
+    order["torch_addmm"] = 3
     rows = sorted(rows, key=lambda r: (r["N"], r["K"], r["r"], r["dtype"], order.get(r["method"], 9), r["op"]))
     return headers, [
         [
@@ -125,6 +126,22 @@ def drift_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
             r["max_abs_over_max_w"],
             r["rel_fro"],
             r["frac_changed"],
+        ]
+        for r in rows
+    ]
+
+
+def record_table(rows: list[Row]) -> tuple[list[str], list[list[Any]]]:
+    rows = [r for r in rows if r.get("bench") == "merge_record"]
+    headers = ["N×K (r)", "dtype", "|ΔW| / |W|", "elements recorded", "record bytes", "÷ W's bytes"]
+    return headers, [
+        [
+            f"{r['N']}×{r['K']} ({r['r']})",
+            r["dtype"],
+            r["ratio"],
+            r["elements_recorded"],
+            r["record_bytes"],
+            r["record_frac"],
         ]
         for r in rows
     ]
@@ -242,9 +259,11 @@ TABLES = (  # (title, table function): the terminal output and the report, in th
     ("per-call overhead (one layer, fwd+bwd)", percall_table),
     ("merge_/unmerge_", merge_table),
     ("bf16 drift", drift_table),
+    ("exact merge record size", record_table),
     ("QLoRA (NF4) layer", nf4_table),
     ("NF4 storage", nf4_bits_table),
     ("mixed-adapter batches (one adapter per row)", mixed_table),
+    ("DoRA layer (fwd+bwd)", bench_dora.table),
     ("end to end", e2e_table),
 )
 
@@ -490,6 +509,8 @@ SECTIONS = (  # the report's sections: (title, paragraphs and table functions); 
             merge_table,
             "bf16 drift after repeated merge + unmerge (W and factors bf16):",
             drift_table,
+            "Exact merge: record size (positions + original values of the elements unmerge would not restore):",
+            record_table,
         ],
     ),
     ("QLoRA: NF4 layer against bitsandbytes Linear4bit + PEFT's LoRA branch", [nf4_table, nf4_bits_table]),

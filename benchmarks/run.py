@@ -1,7 +1,7 @@
 """Run the benchmark suite: LoRA linear, per-call overhead, merge_/unmerge_, QLoRA (NF4), end to end.
 
     python -m benchmarks.run [--quick] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
-                             [--shapes PRESETS_OR_MxKxNxr] [--only lora_linear,percall,merge,nf4,mixed,e2e] [--out DIR]
+                             [--shapes PRESETS_OR_MxKxNxr] [--only lora_linear,percall,merge,nf4,mixed,dora,e2e] [--out DIR]
 
 Defaults: the GPU when there is one (bf16, the issue's real-model shapes), else
 the CPU (fp32, 2 threads, small shapes including the goal shape M=8192,
@@ -10,7 +10,7 @@ merge sizes and Llama preset); ``--device cuda --quick`` is the GPU check's set
 (benchmarks/gpu_check.sh: the goal shape, a decode shape, r=64; well under a minute
 on an H200). ``--quick`` on the CPU is the CI smoke run (under a minute on 2 cores).
 Writes into --out (default bench_out/): one CSV per part (lora_linear, percall,
-merge, nf4, mixed, e2e) and finetune_loss.csv, every row carrying the run's environment
+merge, nf4, mixed, dora, e2e) and finetune_loss.csv, every row carrying the run's environment
 (benchmarks/common.py: metadata), results.json, report.md (with the goal table of
 benchmarks/goals.py) and the PNG plots (skipped with one warning without matplotlib).
 """
@@ -31,16 +31,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from . import bench_e2e, bench_lora_linear, bench_merge, bench_mixed, bench_nf4, bench_percall, common, report  # noqa: E402
+from . import (  # noqa: E402
+    bench_dora,
+    bench_e2e,
+    bench_lora_linear,
+    bench_merge,
+    bench_mixed,
+    bench_nf4,
+    bench_percall,
+    common,
+    report,
+)
 from .common import Settings  # noqa: E402
 
-PARTS = ("lora_linear", "percall", "merge", "nf4", "mixed", "e2e")
+PARTS = ("lora_linear", "percall", "merge", "nf4", "mixed", "dora", "e2e")
 CSV_FILES = {  # output file -> the "bench" values of its rows
     "lora_linear": ("lora_linear",),
     "percall": ("percall",),
-    "merge": ("merge", "merge_drift"),
+    "merge": ("merge", "merge_drift", "merge_record"),
     "nf4": ("nf4", "nf4_bits"),
     "mixed": ("mixed",),
+    "dora": ("dora",),
     "e2e": ("e2e_step",),
 }
 
@@ -186,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "merge": bench_merge,
         "nf4": bench_nf4,
         "mixed": bench_mixed,
+        "dora": bench_dora,
     }  # parts with run(s, progress)
     total = sum(simple[p].jobs(s) for p in a.parts if p in simple)
     if "lora_linear" in a.parts:

@@ -9,10 +9,12 @@ from . import (
     integrations,
     ops,  # loads the compiled library and registers every op, before .model builds on them
 )
+from .fast import FastLanguageModel, FastVisionModel
 from .model import (
     LoraConfig,
     active_adapter,
     active_adapters,
+    add_weighted_adapter,
     delete_adapter,
     disable_adapters,
     inject_adapter,
@@ -26,10 +28,13 @@ from .model import (
     unload,
     unmerge_adapter,
 )
-from .nn import LoraEmbedding, LoraLinear, LoraLinearNF4
+from .nn import LoraEmbedding, LoraLinear, LoraLinear4bit, LoraLinearDora, LoraLinearNF4
 from .ops import (
     STRATEGIES,
+    MergeRecord,
     build_info,
+    dora_linear,
+    dora_weight_norm,
     dropout_mask,
     extension_loaded,
     lora_linear,
@@ -42,13 +47,17 @@ from .ops import (
 )
 from .quant.linear import LinearNF4, memory_report, quantize_model
 from .quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from .rank import rank_pattern_from_report, rank_report, suggest_lora_alpha, suggest_rank
 
 __version__ = "0.1.0"
 
 __all__ = [
     # fused ops
     "STRATEGIES",
+    "MergeRecord",
     "build_info",
+    "dora_linear",
+    "dora_weight_norm",
     "dropout_mask",
     "extension_loaded",
     "lora_linear",
@@ -62,8 +71,10 @@ __all__ = [
     "LoraConfig",
     "LoraEmbedding",
     "LoraLinear",
+    "LoraLinearDora",
     "active_adapter",
     "active_adapters",
+    "add_weighted_adapter",
     "delete_adapter",
     "disable_adapters",
     "inject_adapter",
@@ -79,6 +90,7 @@ __all__ = [
     "unmerge_adapter",
     # QLoRA
     "LinearNF4",
+    "LoraLinear4bit",
     "LoraLinearNF4",
     "NF4Weight",
     "dequantize_nf4",
@@ -86,4 +98,11 @@ __all__ = [
     "memory_report",
     "quantize_model",
     "quantize_nf4",
+    # Unsloth-style entry points and rank guidance
+    "FastLanguageModel",
+    "FastVisionModel",
+    "rank_pattern_from_report",
+    "rank_report",
+    "suggest_lora_alpha",
+    "suggest_rank",
 ]

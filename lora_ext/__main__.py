@@ -40,6 +40,7 @@ import torch
 
 import lora_ext
 from lora_ext.ops import _library, reference
+from lora_ext.ops import dora as _dora_ops
 
 M, K, N, R = 37, 129, 67, 5  # odd sizes: every tile and vector loop has a tail
 REDUCTION = max(M, K, N)
@@ -159,6 +160,31 @@ def _lora_nf4(dev, dt):
     return [(x, *dq, N, bias, a, b, 1.5, 0.25, _seed(dev)), (x, *plain, N, None, a, b, 1.5, 0.0, None)]
 
 
+def _dora_args(dev, dt):
+    x, w, a, b, bias, g = _lora(dev, dt)
+    mag = (w.double().norm(dim=1) * 1.1).to(dt)
+    norm = _dora_ops._weight_norm_ref(w, a, b, 1.5, None)
+    return x, w, a, b, bias, g, mag, norm
+
+
+def _dora_norm(dev, dt):
+    _, w, a, b, _, _, _, _ = _dora_args(dev, dt)
+    return [(w, a, b, 1.5, None), (w, a, b, -0.7, _dora_ops.weight_sq_norm(w))]
+
+
+def _dora_linear(dev, dt):
+    x, w, a, b, bias, _, mag, norm = _dora_args(dev, dt)
+    return [(x, w, bias, a, b, mag, norm, 1.5, 0.25, _seed(dev)), (x, w, None, a, b, mag, norm, 1.5, 0.0, None)]
+
+
+def _dora_backward(dev, dt):
+    x, w, a, b, _, g, mag, norm = _dora_args(dev, dt)
+    return [
+        (g, x, w, a, b, mag, norm, 1.5, 0.25, _seed(dev), [True] * 6),
+        (g, x, w, a, b, mag, norm, 1.5, 0.0, None, [True] * 6),
+    ]
+
+
 def _lora_nf4_backward(dev, dt):
     x, _, a, b, _, g = _lora(dev, dt)
     plain, dq = _nf4_storage(dev)
@@ -179,6 +205,9 @@ SELFTEST_OPS: dict[str, SelfTestOp] = {
     "nf4_dequantize": SelfTestOp(_dequantize, exact=True),
     "lora_linear_nf4": SelfTestOp(_lora_nf4),
     "lora_linear_nf4_backward": SelfTestOp(_lora_nf4_backward),
+    "dora_weight_norm": SelfTestOp(_dora_norm),
+    "dora_linear": SelfTestOp(_dora_linear),
+    "dora_linear_backward": SelfTestOp(_dora_backward),
 }
 
 

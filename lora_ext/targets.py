@@ -6,7 +6,9 @@ PEFT's rules, in one place:
   an entry or ends with ``"." + entry``; as a string: a regex that must match the
   full name (``re.fullmatch``); ``"all-linear"``: every linear layer except the
   output head (and ``nn.MultiheadAttention.out_proj``, which reads its weight
-  directly).
+  directly); "linear" is ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2).
+- ``exclude_modules``: checked first, with the same list/regex rules; an
+  excluded module is never adapted (PEFT's ``check_target_module_exists``).
 - ``layers_to_transform`` / ``layers_pattern``: the layer index is the first
   ``.<name>.<int>.`` segment of the name, or the one after a ``layers_pattern``.
 - ``modules_to_save``: a plain suffix match of the full name.
@@ -20,6 +22,7 @@ without importing each other.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -68,6 +71,16 @@ def layer_selected(config: Any, key: str) -> bool:
     return idx == wanted if isinstance(wanted, int) else idx in wanted
 
 
+def is_excluded(config: Any, key: str) -> bool:
+    """Module ``key`` is excluded by ``config.exclude_modules`` (a regex string or a list of names)."""
+    ex = getattr(config, "exclude_modules", None)
+    if not ex:
+        return False
+    if isinstance(ex, str):
+        return re.fullmatch(ex, key) is not None
+    return key in ex or any(key.endswith("." + e) for e in ex)
+
+
 def in_modules_to_save(config: Any, key: str) -> bool:
     """Module ``key`` lies in (or is) one of ``config.modules_to_save``."""
     return bool(config.modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save)
@@ -114,11 +127,19 @@ def resolve_targets(
             if (kind := kind_of(m)) is not None and kind.linear and n != head and n not in mha_children
         )
         if not tm:
-            raise ValueError("lora_ext: target_modules='all-linear' but the model has no nn.Linear layer to adapt")
+            raise ValueError(
+                "lora_ext: target_modules='all-linear' but the model has no linear layer (nn.Linear or "
+                "transformers Conv1D) to adapt"
+            )
 
     matched: list[tuple[str, nn.Module]] = []
     entry_hits: dict[str, int] = {t: 0 for t in tm} if isinstance(tm, list) else {}
+    excluded: list[str] = []  # every module exclude_modules names (PEFT's count, targeted or not)
     for key, module in candidates:
+        # An excluded module still counts as a hit of its target_modules entry (the entry is not a typo).
+        skip = is_excluded(config, key)
+        if skip:
+            excluded.append(key)
         if in_modules_to_save(config, key):
             continue
         if isinstance(tm, str):
@@ -133,7 +154,7 @@ def resolve_targets(
             for t in hits:
                 entry_hits[t] += 1
             found = bool(hits) and layer_selected(config, key)
-        if found:
+        if found and not skip:
             matched.append((key, module))
 
     unmatched = [t for t, c in entry_hits.items() if c == 0]
@@ -141,6 +162,18 @@ def resolve_targets(
         raise ValueError(
             f"lora_ext: target_modules entries {unmatched} match no module of the model "
             f"(module names look like {[n for n, _ in candidates[:6]]} ...)"
+        )
+    if not matched and excluded:
+        raise ValueError(
+            f"lora_ext: target_modules={config.target_modules!r} with exclude_modules={config.exclude_modules!r} "
+            f"leaves no module to adapt (excluded: {excluded[:6]})"
+        )
+    if getattr(config, "exclude_modules", None) and not excluded:
+        warnings.warn(
+            f"lora_ext: exclude_modules={config.exclude_modules!r} matches no module of the model; nothing was "
+            "excluded",
+            UserWarning,
+            stacklevel=4,
         )
     if not matched:
         raise ValueError(
@@ -156,16 +189,22 @@ def resolve_targets(
             )
         if kind is None or not kind.adaptable(module):
             raise ValueError(
-                f"lora_ext: target {key!r} is a {type(module).__name__}; only nn.Linear and nn.Embedding "
-                "(with floating-point weights) can be adapted"
+                f"lora_ext: target {key!r} is a {type(module).__name__}; LoRA layers exist for nn.Linear, "
+                "nn.Embedding, transformers Conv1D and nn.Conv1d/2d/3d (with floating-point weights)"
             )
     return matched, tm
 
 
 def resolve_modules_to_save(
-    candidates: list[tuple[str, nn.Module]], config: Any, targets: set[str]
+    candidates: list[tuple[str, nn.Module]], config: Any, targets: set[str], tolerated: Iterable[str] = ()
 ) -> list[tuple[str, nn.Module]]:
-    """Modules selected by ``config.modules_to_save`` (PEFT's plain suffix match); each entry must match."""
+    """Modules selected by ``config.modules_to_save`` (PEFT's plain suffix match).
+
+    An entry that matches nothing is tolerated, as PEFT tolerates it; one the user
+    wrote (not in ``tolerated``: the entries a task type adds, or all of them when
+    loading a file) gets one warning, so a typo is seen but a config PEFT accepts
+    is accepted here too.
+    """
     if not config.modules_to_save:
         return []
     found: list[tuple[str, nn.Module]] = []
@@ -181,7 +220,13 @@ def resolve_modules_to_save(
         if key in targets:
             raise ValueError(f"lora_ext: {key!r} is both a LoRA target and in modules_to_save")
         found.append((key, module))
-    missing = [m for m, c in hits.items() if c == 0]
+    tolerated = set(tolerated)
+    missing = [m for m, c in hits.items() if c == 0 and m not in tolerated]
     if missing:
-        raise ValueError(f"lora_ext: modules_to_save entries {missing} match no module of the model")
+        warnings.warn(
+            f"lora_ext: modules_to_save entries {missing} match no module of the model; they are ignored, "
+            "as PEFT ignores them (check the names)",
+            UserWarning,
+            stacklevel=4,
+        )
     return found

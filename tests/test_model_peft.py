@@ -236,21 +236,3 @@ def test_accelerate_train_mode_dropout_and_save_load(tmp_path):
     torch.testing.assert_close(again(input_ids=ids).logits, y, rtol=1e-5, atol=1e-5)
     with pm.disable_adapter():
         torch.testing.assert_close(pm(input_ids=ids).logits, base(ids).logits, rtol=1e-5, atol=1e-5)
-
-
-def test_accelerate_dora_stays_on_peft_with_one_warning():
-    from lora_ext.integrations.peft import FusedLoraLinear, accelerate
-
-    base = tiny_llama()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(
-            copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True)
-        )
-    ids = llama_ids()
-    y = pm(input_ids=ids).logits
-    with pytest.warns(UserWarning, match=r"4 LoRA layer\(s\) keep PEFT's own forward.*DoRA") as rec:
-        accelerate(pm)
-    assert len([w for w in rec if "lora_ext.accelerate" in str(w.message)]) == 1
-    assert not any(isinstance(m, FusedLoraLinear) for m in pm.modules())
-    torch.testing.assert_close(pm(input_ids=ids).logits, y)

@@ -5,7 +5,10 @@ Linear4bit + PEFT LoRA on the same quantized weights and adapter.
 
 bitsandbytes runs on its default (pure-PyTorch) dequantize here: its native
 CPU kernel is wrong on AVX-512 machines for rows that are not a multiple of
-the blocksize (down_proj's 96 columns), see tests/bnb_oracle.py."""
+the blocksize (down_proj's 96 columns), see tests/bnb_oracle.py. Its models are
+kept on the dequantize + matmul path (bnb_reference_path): on AVX512-BF16 CPUs
+an eval-mode Linear4bit without gradients otherwise repacks its weight and
+computes in bfloat16 (and fails on down_proj), see tests/bnb_oracle.py."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import os
 
 import pytest
 import torch
-from bnb_oracle import default_dequantize_4bit
+from bnb_oracle import assert_not_repacked, bnb_reference_path, default_dequantize_4bit
 from model_helpers import llama_config
 
 import lora_ext
@@ -59,6 +62,7 @@ def models(tmp_path_factory):
         theirs = transformers.AutoModelForCausalLM.from_pretrained(
             src, quantization_config=_bnb_config(), device_map="cpu", dtype=torch.float32
         )
+        bnb_reference_path(theirs)
         qdir = tmp_path_factory.mktemp("bnb4")
         theirs.save_pretrained(qdir)
     return src, theirs, qdir
@@ -97,6 +101,7 @@ def test_load_transformers_checkpoint(models):
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-5)
+    assert_not_repacked(theirs)
 
 
 def test_transformers_loads_our_checkpoint(models, tmp_path):
@@ -111,6 +116,7 @@ def test_transformers_loads_our_checkpoint(models, tmp_path):
     safetensors_torch.save_file(sd, os.path.join(tmp_path, "model.safetensors"), metadata={"format": "pt"})
     with torch._dynamo.config.patch(disable=True):
         loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu", dtype=torch.float32)
+        bnb_reference_path(loaded)
         for name, m in ours.named_modules():
             if isinstance(m, LinearNF4):
                 ref = loaded.get_submodule(name)
@@ -120,12 +126,15 @@ def test_transformers_loads_our_checkpoint(models, tmp_path):
         ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
             torch.testing.assert_close(ours(ids).logits, loaded(ids).logits, rtol=1e-4, atol=1e-5)
+        assert_not_repacked(loaded)
 
 
 def test_lora_matches_bnb_linear4bit_plus_peft(models):
     src, _, qdir = models
     with torch._dynamo.config.patch(disable=True):
-        base = transformers.AutoModelForCausalLM.from_pretrained(qdir, device_map="cpu", dtype=torch.float32)
+        base = bnb_reference_path(
+            transformers.AutoModelForCausalLM.from_pretrained(qdir, device_map="cpu", dtype=torch.float32)
+        )
         cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), lora_dropout=0.0,
                               init_lora_weights=False)  # fmt: skip
         torch.manual_seed(3)
@@ -158,6 +167,7 @@ def test_lora_matches_bnb_linear4bit_plus_peft(models):
         ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(4))
         y_ref = ref(ids).logits
         y = ours(ids).logits
+        assert_not_repacked(ref)
         torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
         y_ref.square().mean().backward()
         y.square().mean().backward()

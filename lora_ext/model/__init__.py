@@ -18,11 +18,13 @@ from .inject import (
     unmerge_adapter,
 )
 from .io import adapter_state_dict, load_adapter, read_adapter, save_adapter
+from .weighted import add_weighted_adapter
 
 __all__ = [
     "LoraConfig",
     "active_adapter",
     "active_adapters",
+    "add_weighted_adapter",
     "adapter_config",
     "adapter_state_dict",
     "delete_adapter",

@@ -23,8 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import targets as _targets
+from ..integrations import trainer as _trainer
+from ..nn.conv import resolve_fan_in_fan_out
 from ..nn.dispatch import kind_of, wrap
+from ..nn.dora import DORA_MAGNITUDE_KEY, as_dora
 from ..nn.layers import LoraLayer, ModulesToSaveWrapper
+from ..quant.linear import LinearNF4
 from .config import LoraConfig
 from .mixed import MixedBatchHooks
 
@@ -62,6 +66,7 @@ class _Target:
     module: nn.Module  # nn.Linear / nn.Embedding, or an existing LoRA layer
     r: int
     alpha: float
+    use_dora: bool = False
 
     @property
     def kind(self) -> str:
@@ -69,7 +74,10 @@ class _Target:
 
     def factor_shapes(self) -> dict[str, tuple[int, int]]:
         """Expected shapes of the adapter tensors, by PEFT key suffix."""
-        return kind_of(self.module).shapes(self.module, self.r)
+        shapes = kind_of(self.module).shapes(self.module, self.r)
+        if self.use_dora:
+            shapes[DORA_MAGNITUDE_KEY] = (shapes["lora_B.weight"][0],)
+        return shapes
 
 
 # ----------------------------------------------------------------------- helpers
@@ -142,15 +150,8 @@ def _adapter_dtype(base: nn.Module, autocast_adapter_dtype: bool) -> torch.dtype
 
 
 def _as_lora_config(config: Any) -> LoraConfig:
-    if isinstance(config, LoraConfig):
-        config.validate()
-        return config
-    if hasattr(config, "to_dict") and str(getattr(config, "peft_type", "")).upper().endswith("LORA"):
-        data = config.to_dict()
-        if isinstance(data.get("target_modules"), set):
-            data["target_modules"] = sorted(data["target_modules"])
-        return LoraConfig.from_peft_dict(data)
-    raise TypeError(f"lora_ext: config must be a lora_ext.LoraConfig, got {type(config).__name__}")
+    # a peft.LoraConfig is converted; its task_type adds PEFT's per-task modules_to_save
+    return LoraConfig.from_peft(config).with_task_modules()
 
 
 # ------------------------------------------------------------------------ inject
@@ -209,8 +210,17 @@ def _inject(
     targets = []
     for name, module in matched:
         r, alpha = config.rank_and_alpha(name)
-        targets.append(_Target(name, module, r, alpha))
-    mts = _targets.resolve_modules_to_save(candidates, config, {t.name for t in targets})
+        kind_of(module).validate(module, r)
+        targets.append(_Target(name, module, r, alpha, config.use_dora))
+    if config.use_dora:
+        _check_dora_targets(targets)
+    # PEFT never refuses a modules_to_save entry that matches nothing, nor do we; the user's own
+    # entries of inject_adapter get a warning (a typo is seen), those a task type adds and a
+    # file's (load_adapter, whose tensors are checked instead) none.
+    tolerated = config.task_modules_to_save() if strict else (config.modules_to_save or [])
+    mts = _targets.resolve_modules_to_save(candidates, config, {t.name for t in targets}, tolerated)
+    bases = [t.module.base_layer if isinstance(t.module, LoraLayer) else t.module for t in targets]
+    fan_in_fan_out = resolve_fan_in_fan_out(config.fan_in_fan_out, bases)
     if weights is not None:
         _check_weights(targets, weights)
     if module_weights is not None:
@@ -230,6 +240,8 @@ def _inject(
             layer.train(t.module.training)  # a model in eval mode stays in eval mode (no dropout)
             layer.set_active(active)
             _set_child(root, t.name, layer)
+        if config.use_dora:
+            layer = as_dora(layer)
         layer.add_adapter(
             adapter_name,
             t.r,
@@ -239,6 +251,7 @@ def _inject(
             init_lora_weights=config.init_lora_weights,
             dtype=_adapter_dtype(layer.base_layer, autocast_adapter_dtype),
             weights=None if weights is None else weights[t.name],
+            **({"use_dora": True} if config.use_dora else {}),
         )
     for name, module in mts:
         wrapper = module
@@ -251,16 +264,29 @@ def _inject(
         if module_weights is not None:
             wrapper.modules_to_save[adapter_name].load_state_dict(module_weights[name])
 
-    stored = dataclasses.replace(config, target_modules=resolved_tm)
+    stored = dataclasses.replace(config, target_modules=resolved_tm, fan_in_fan_out=fan_in_fan_out)
     state.configs[adapter_name] = stored
     if first:
         setattr(root, _STATE_ATTR, state)
         state.active = (adapter_name,)
         state.hook = MixedBatchHooks(root)
+        _trainer.install(root)  # a transformers model: adapter-only save_pretrained (Trainer checkpoints)
     _apply_active(root, state.active)
     if adapter_name in state.active:
         _apply_bias_option(root, config, adapter_name)
     return model
+
+
+def _check_dora_targets(targets: list[_Target]) -> None:
+    """use_dora: every target must be (or wrap) a plain nn.Linear (lora_ext/nn/dora.py)."""
+    from ..nn.layers import LoraLinear
+
+    for t in targets:
+        if kind_of(t.module).lora_class is not LoraLinear:
+            raise ValueError(
+                f"lora_ext: use_dora=True is implemented for nn.Linear layers only; {t.name!r} is a "
+                f"{type(t.module).__name__} (leave it out of target_modules, or use a plain LoRA adapter)"
+            )
 
 
 def _check_weights(targets: list[_Target], weights: dict[str, dict[str, Tensor]]) -> None:
@@ -419,7 +445,11 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     wrappers = [m for _, m in _wrappers(root)]
     if any(getattr(m, "_disable_adapters", False) for m in wrappers):
         raise ValueError("lora_ext: disable_adapters() is already active on this model")
-    merged = {id(m): list(m.merged_adapters) for m in wrappers if isinstance(m, LoraLayer) and m.merged}
+    merged = {
+        id(m): (list(m.merged_adapters), bool(m._merge_records))
+        for m in wrappers
+        if isinstance(m, LoraLayer) and m.merged
+    }
     for m in wrappers:
         if isinstance(m, LoraLayer):
             m.unmerge()
@@ -432,7 +462,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             m._disable_adapters = False
         for m in wrappers:
             if id(m) in merged:
-                m.merge(adapter_names=merged[id(m)])
+                names, exact = merged[id(m)]
+                m.merge(adapter_names=names, exact=exact)
 
 
 # ------------------------------------------------------------------------ merge
@@ -450,10 +481,13 @@ def _check_tied(layers: list[tuple[str, LoraLayer]]) -> None:
         owners[key] = name
 
 
-def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
+def merge_adapter(model: nn.Module, safe_merge: bool = False, exact: bool = True) -> None:
     """Merge the active adapter(s) into the base weights: ``W += s · B A``, fp32 accumulation, one rounding.
 
-    Merging an already merged model warns and does nothing. With
+    ``exact`` (the default; fp32/fp16/bf16 weights): each layer keeps a record of the elements
+    that ``W' − s·BA`` would not restore, so :func:`unmerge_adapter` gives the weights back bit
+    for bit after any number of cycles (``memory_report(model)["merge_record_bytes"]``);
+    ``exact=False`` keeps no record. Merging an already merged model warns and does nothing. With
     ``safe_merge=True`` every merged weight is computed and checked first;
     if any is non-finite, ``ValueError`` names the layer and no weight changes.
     """
@@ -466,6 +500,8 @@ def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
         warnings.warn("lora_ext: the model is already merged; nothing to do", stacklevel=2)
         return
     _check_tied(layers)
+    for name, layer in layers:  # a layer that cannot merge at all refuses before any layer changes
+        layer.check_mergeable(name)
     if safe_merge:
         with torch.no_grad():
             for name, layer in layers:
@@ -475,7 +511,7 @@ def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
                         "weights; nothing was merged"
                     )
     for _, layer in layers:
-        layer.merge()
+        layer.merge(exact=exact)
 
 
 def unmerge_adapter(model: nn.Module) -> None:
@@ -498,7 +534,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     root = _unwrap(model)
     _state(root)
     if not any(layer.merged for _, layer in lora_layers(root)):
-        merge_adapter(root, safe_merge=safe_merge)
+        merge_adapter(root, safe_merge=safe_merge, exact=False)  # nothing will be unmerged
     return _unload(root, model)
 
 
@@ -525,6 +561,7 @@ def _drop_state(root: nn.Module) -> None:
     state = getattr(root, _STATE_ATTR)
     if state.hook is not None:
         state.hook.remove()
+    _trainer.uninstall(root)
     delattr(root, _STATE_ATTR)
 
 
@@ -532,10 +569,18 @@ def _drop_state(root: nn.Module) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts (shared parameters counted once)."""
+    """``(trainable, total)`` parameter counts (shared parameters counted once).
+
+    A 4-bit weight (LinearNF4's packed codes, two per byte) counts two parameters per byte, as PEFT counts
+    bitsandbytes' ``Params4bit``.
+    """
+    root = _unwrap(model)
+    packed = {id(m.weight) for m in root.modules() if isinstance(m, LinearNF4)}
     trainable = total = 0
-    for p in _unwrap(model).parameters():
-        n = p.numel()
+    for p in root.parameters():
+        n = p.numel() * (2 if id(p) in packed else 1)
+        if type(p).__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte (PEFT's count)
+            n *= 2 * p.element_size()
         total += n
         if p.requires_grad:
             trainable += n

@@ -6,6 +6,7 @@ Key naming (PEFT's ``get_peft_model_state_dict``, adapter name removed):
     base_model.model.<module>.lora_B.weight          [out_features, r]    Linear
     base_model.model.<module>.lora_embedding_A       [r, num_embeddings]  Embedding
     base_model.model.<module>.lora_embedding_B       [embedding_dim, r]   Embedding
+    base_model.model.<module>.lora_magnitude_vector  [out_features]       Linear, DoRA (use_dora)
     base_model.model.<module>.<param>                modules_to_save copies
     base_model.model.<...>.bias                      trained biases (bias="all"/"lora_only")
 
@@ -24,11 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.dispatch import FACTOR_KEYS
+from ..nn.dora import DORA_MAGNITUDE_KEY
 from ..nn.layers import LoraLayer, ModulesToSaveWrapper
 from .config import LoraConfig
 from .inject import _inject, _state, _unwrap, _walk, lora_layers
 
-__all__ = ["load_adapter", "save_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["load_adapter", "restore_adapter", "save_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,13 +38,27 @@ _LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 _PREFIX = "base_model.model."
 
 
+# PEFT writes DoRA's magnitude (parameter lora_magnitude_vector.<adapter>.weight) as
+# "<module>.lora_magnitude_vector" and reads that name or "<module>.lora_magnitude_vector.weight".
+_DORA_FILE_KEY = DORA_MAGNITUDE_KEY.removesuffix(".weight")
+
+
+def _file_suffix(suffix: str) -> str:
+    return _DORA_FILE_KEY if suffix == DORA_MAGNITUDE_KEY else suffix
+
+
 def _adapter_state_dict(root: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in _adapter_tensors(root, adapter_name, config).items()}
+
+
+def _adapter_tensors(root: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, Tensor]:
+    """PEFT file key -> the model's own tensor (not detached, not copied)."""
     out: dict[str, Tensor] = {}
     for name, layer in lora_layers(root):
         if adapter_name not in layer.adapters:
             continue
         for suffix, tensor in layer.adapter_tensors(adapter_name).items():
-            out[f"{name}.{suffix}"] = tensor
+            out[f"{name}.{_file_suffix(suffix)}"] = tensor
     for name, module in root.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for k, v in module.modules_to_save[adapter_name].state_dict().items():
@@ -61,7 +77,7 @@ def _adapter_state_dict(root: nn.Module, adapter_name: str, config: LoraConfig) 
         for name, layer in lora_layers(root):
             if adapter_name in layer.adapters and getattr(layer.base_layer, "bias", None) is not None:
                 out[f"{name}.base_layer.bias"] = layer.base_layer.bias
-    return {_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+    return {_PREFIX + k: v for k, v in out.items()}
 
 
 def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> None:
@@ -71,19 +87,52 @@ def save_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
     ``adapter_model.safetensors`` (PEFT key names, tensors in their training
     dtype). ``peft.PeftModel.from_pretrained(base_model, path)`` loads it.
     """
-    from safetensors.torch import save_file
-
     root = _unwrap(model)
     state = _state(root)
     if adapter_name not in state.configs:
         raise ValueError(f"lora_ext: unknown adapter {adapter_name!r}; the model has adapters {list(state.configs)}")
     config = state.configs[adapter_name]
     tensors = _adapter_state_dict(root, adapter_name, config)
+    _write_adapter(root, path, config, tensors)
+
+
+def _write_adapter(root: nn.Module, path: str, config: LoraConfig, tensors: dict[str, Tensor]) -> None:
+    from safetensors.torch import save_file
+
     name_or_path = getattr(getattr(root, "config", None), "_name_or_path", None) or None
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(config.to_peft_dict(name_or_path), f, indent=2, sort_keys=True)
+
+
+def restore_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> None:
+    """Copy the tensors of the adapter directory ``path`` into the existing adapter ``adapter_name``, in place.
+
+    For resuming training: the layers stay as they are (so an optimizer keeps its
+    parameters). The file must hold exactly the adapter's tensors, with the same
+    shapes; otherwise ``ValueError`` and nothing is changed.
+    """
+    root = _unwrap(model)
+    state = _state(root)
+    if adapter_name not in state.configs:
+        raise ValueError(f"lora_ext: unknown adapter {adapter_name!r}; the model has adapters {list(state.configs)}")
+    _, tensors = read_adapter(path)
+    live = _adapter_tensors(root, adapter_name, state.configs[adapter_name])
+    missing, extra = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
+    if missing or extra:
+        raise ValueError(
+            f"lora_ext: {path!r} does not hold adapter {adapter_name!r} of this model: "
+            f"missing {missing[:8]}, unexpected {extra[:8]}"
+        )
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(live[k].shape):
+            raise ValueError(
+                f"lora_ext: shape mismatch for {k}: the file has {list(v.shape)}, the model {list(live[k].shape)}"
+            )
+    with torch.no_grad():
+        for k, v in tensors.items():
+            live[k].copy_(v)
 
 
 def read_adapter(path: str) -> tuple[LoraConfig, dict[str, Tensor]]:
@@ -104,8 +153,10 @@ def read_adapter(path: str) -> tuple[LoraConfig, dict[str, Tensor]]:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"lora_ext: {config_path!r} is not valid JSON: {e}") from None
-    config = LoraConfig.from_peft_dict(data)
+    return LoraConfig.from_peft_dict(data), _read_weights(path)
 
+
+def _read_weights(path: str) -> dict[str, Tensor]:
     weights_path = os.path.join(path, WEIGHTS_NAME)
     if os.path.isfile(weights_path):
         tensors = _read_safetensors(weights_path)
@@ -117,7 +168,7 @@ def read_adapter(path: str) -> tuple[LoraConfig, dict[str, Tensor]]:
             raise ValueError(f"lora_ext: cannot read {legacy!r}: {e}") from None
     else:
         raise FileNotFoundError(f"lora_ext: no {WEIGHTS_NAME} (or {_LEGACY_WEIGHTS_NAME}) in {path!r}")
-    return config, tensors
+    return tensors
 
 
 def _read_safetensors(weights_path: str) -> dict[str, Tensor]:
@@ -144,10 +195,10 @@ def _split_keys(
     rest: dict[str, Tensor] = {}
     for key, value in tensors.items():
         k = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
-        if ".lora_magnitude_vector" in k or k.endswith("lora_B.bias"):
-            raise ValueError(
-                f"lora_ext: key {key!r} belongs to a PEFT feature (DoRA / lora_bias) that is not supported"
-            )
+        if k.endswith("." + _DORA_FILE_KEY):  # PEFT's file name of the magnitude parameter
+            k += ".weight"
+        if k.endswith("lora_B.bias"):
+            raise ValueError(f"lora_ext: key {key!r} belongs to a PEFT feature (lora_bias) that is not supported")
         for suffix in FACTOR_KEYS:
             if k.endswith("." + suffix):
                 factors.setdefault(k[: -len(suffix) - 1], {})[suffix] = value
@@ -194,13 +245,20 @@ def load_adapter(
     *,
     is_trainable: bool = False,
     autocast_adapter_dtype: bool = True,
+    config: Any = None,
 ) -> nn.Module:
     """Load an adapter saved by PEFT (``save_pretrained``) or by :func:`save_adapter`; returns ``model``.
 
     Injects the LoRA layers the config describes if they are not there yet. As
     with PEFT, the first adapter of a model becomes active; a further one is
     added inactive (use :func:`lora_ext.set_adapter`). With ``is_trainable=False``
-    (PEFT's default) its parameters are frozen.
+    (PEFT's default) its parameters are frozen. ``config`` (a :class:`LoraConfig`
+    or a ``peft.LoraConfig``) replaces the file's ``adapter_config.json``, as
+    ``PeftModel.from_pretrained(..., config=...)`` does. The config's
+    ``task_type`` adds PEFT's per-task ``modules_to_save`` (SEQ_CLS/TOKEN_CLS:
+    ``classifier``, ``score``; QUESTION_ANS: ``qa_outputs``); entries that
+    match no module are tolerated, as PEFT does, but every tensor of the file
+    must find its module.
 
     Raises:
         FileNotFoundError / ValueError: missing files, corrupt or truncated
@@ -210,7 +268,14 @@ def load_adapter(
     """
     root = _unwrap(model)
     first = _state(root, required=False) is None
-    config, tensors = read_adapter(path)
+    if config is None:
+        config, tensors = read_adapter(path)
+    else:
+        config = LoraConfig.from_peft(config)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"lora_ext: adapter directory {path!r} does not exist")
+        tensors = _read_weights(path)
+    config = config.with_task_modules()
     factors, module_weights, rest = _split_keys(root, tensors, config)
     plain = _plain_param_targets(root, rest)
     _inject(

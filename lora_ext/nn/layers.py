@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.exact_merge import MergeRecord
 from ..quant.linear import LinearNF4
 from ..quant.nf4 import NF4Weight, dequantize_nf4
-from . import mixed
+from . import exact_merge, mixed
 
 __all__ = ["LoraEmbedding", "LoraLayer", "LoraLinear", "LoraLinearNF4", "ModulesToSaveWrapper", "lora_linear_multi"]
 
@@ -72,12 +73,8 @@ def lora_linear_multi(
     """
     amp = ops.autocast_dtype_for(x)
     dtype = amp if amp is not None else (compute_dtype or weight.dtype)
-    if amp is None and compute_dtype is None and x.dtype != dtype:
-        # nn.Linear's (and PEFT's) rule: no silent conversion of the input outside autocast.
-        raise TypeError(
-            f"lora_ext: input x has dtype {x.dtype} but the layer's weight is {dtype}; "
-            "cast the input (or the model), or run under torch.autocast"
-        )
+    if compute_dtype is None:
+        check_input_dtype(x, dtype)
     # The fallback kernels run plain torch ops; under autocast those would be
     # re-cast to low precision, breaking the fp32-accumulation contract.
     guard = torch.autocast(x.device.type, enabled=False) if amp is not None else contextlib.nullcontext()
@@ -90,6 +87,15 @@ def lora_linear_multi(
             xd = F.dropout(xc, p_i, training=True) if p_i > 0 else xc
             y = y + F.linear(F.linear(xd, _cast(a_i, dtype)), _cast(b_i, dtype)) * s_i
     return y
+
+
+def check_input_dtype(x: Tensor, weight_dtype: torch.dtype) -> None:
+    """nn.Linear's (and PEFT's) rule: outside autocast, x must have the weight's dtype (no silent conversion)."""
+    if x.dtype != weight_dtype and ops.autocast_dtype_for(x) is None:
+        raise TypeError(
+            f"lora_ext: input x has dtype {x.dtype} but the layer's weight is {weight_dtype}; "
+            "cast the input (or the model), or run under torch.autocast"
+        )
 
 
 def base_layer_is_hooked(base: nn.Module) -> bool:
@@ -149,6 +155,7 @@ class LoraLayer(nn.Module):
         self._active_adapters: tuple[str, ...] = ()
         self._disable_adapters: bool = False
         self.merged_adapters: list[str] = []
+        self._merge_records: dict[str, MergeRecord] = {}  # exact merges: adapter name -> record
         self._init_containers(base_layer)
         if adapter_name is not None:
             self.add_adapter(adapter_name, r, lora_alpha, **adapter_kwargs)
@@ -284,8 +291,14 @@ class LoraLayer(nn.Module):
             w = _merged(w, *self.delta_factors(name), self.scaling[name])
         return w
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+    def check_mergeable(self, name: str | None = None) -> None:
+        """Raise ``ValueError`` if this layer's adapters cannot be merged into its base (hook)."""
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, exact: bool = True) -> None:
         """Add the active (or given) adapters into the base weight, fp32 accumulation, one rounding.
+
+        ``exact`` (fp32/fp16/bf16 weights): keep a :class:`~lora_ext.MergeRecord` per adapter so
+        that :meth:`unmerge` restores the weight bit for bit (lora_ext/nn/exact_merge.py).
 
         Raises:
             ValueError: with ``safe_merge``, if the merged weight would be
@@ -295,12 +308,15 @@ class LoraLayer(nn.Module):
         names = [n for n in names if n not in self.merged_adapters]
         if not names:
             return
-        self._merge_names(names, safe_merge)
+        self._merge_names(names, safe_merge, exact)
         self.merged_adapters.extend(names)
 
-    def _merge_names(self, names: list[str], safe_merge: bool) -> None:
+    def _merge_names(self, names: list[str], safe_merge: bool, exact: bool = False) -> None:
         """Merge adapters ``names`` into the base (hook: an NF4 base swaps in a dequantized nn.Linear)."""
         weight = self.base_layer.weight
+        if exact and exact_merge.supports(weight):
+            self._merge_records.update(exact_merge.merge_names(self, weight, names, safe_merge))
+            return
         with torch.no_grad():
             if safe_merge:
                 new = self.merged_weight(names)
@@ -321,7 +337,27 @@ class LoraLayer(nn.Module):
         weight = self.base_layer.weight
         with torch.no_grad():
             for name in reversed(self.merged_adapters):
-                _merge_into(weight, *self.delta_factors(name), -self.scaling[name])
+                record = self._merge_records.pop(name, None)
+                if record is not None:
+                    exact_merge.unmerge_name(self, weight, name, record)
+                else:
+                    _merge_into(weight, *self.delta_factors(name), -self.scaling[name])
+
+    def merge_record_bytes(self) -> int:
+        """Bytes held by this layer's exact-merge records (0 when not merged exactly)."""
+        return sum(r.nbytes for r in self._merge_records.values())
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        exact_merge.save_records(self, destination, prefix)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        exact_merge.load_records(self, state_dict, prefix)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _repr_state(self) -> str:
         names = self.adapters
@@ -421,6 +457,7 @@ class LoraLinear(LoraLayer):
     supports_mixed_batch = True
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self._check_input(x)
         if self._mixed_adapter_names is not None:
             return mixed.linear_forward(self, x, self._mixed_adapter_names, *args, **kwargs)
         if self._disable_adapters or self.merged_adapters or args or kwargs:
@@ -442,6 +479,10 @@ class LoraLinear(LoraLayer):
             return add_lora_unfused(base(x), x, adapters)
         return self._fused_forward(x, adapters)
 
+    def _check_input(self, x: Tensor) -> None:
+        """The same TypeError on every path (fused, merged, disabled, hooked base) for a wrong input dtype (hook)."""
+        check_input_dtype(x, self.base_layer.weight.dtype)
+
     def _fused_forward(self, x: Tensor, adapters: list[tuple[Tensor, Tensor, float, float]]) -> Tensor:
         """Base layer and adapters in one fused call (hook: an NF4 base dequantizes inside the op)."""
         return lora_linear_multi(x, self.base_layer.weight, self.base_layer.bias, adapters)
@@ -458,9 +499,11 @@ class LoraLinearNF4(LoraLinear):
     output comes back in x's dtype.
 
     ``merge()`` cannot add into 4-bit losslessly: it swaps ``base_layer`` for an
-    ``nn.Linear`` holding the dequantized-and-merged weight in compute dtype
-    (so ``merge_and_unload`` returns plain ``nn.Linear`` layers), and
-    ``unmerge()`` puts the original NF4 layer back unchanged.
+    ``nn.Linear`` holding the dequantized-and-merged weight in the layer's original
+    dtype (``quant_dtype``, the dtype the weight had before quantization: an fp32
+    model whose NF4 layers compute in bf16 gets fp32 layers back), so
+    ``merge_and_unload`` returns plain ``nn.Linear`` layers that run in the
+    model's dtype; ``unmerge()`` puts the original NF4 layer back unchanged.
     """
 
     base_type = LinearNF4
@@ -472,6 +515,11 @@ class LoraLinearNF4(LoraLinear):
 
     def _check_base(self, base_layer: nn.Module) -> None:
         pass  # uint8 codes by design
+
+    def _check_input(self, x: Tensor) -> None:
+        # bitsandbytes' rule: a floating x is cast to the compute dtype; anything else is refused
+        if not x.is_floating_point():
+            raise TypeError(f"lora_ext: input x has dtype {x.dtype}; a LoRA NF4 layer needs a floating-point input")
 
     @property
     def _quantized(self) -> LinearNF4:
@@ -495,10 +543,11 @@ class LoraLinearNF4(LoraLinear):
         return y if ops.autocast_dtype_for(x) is not None else y.to(x.dtype)
 
     def _unmerged_weight(self) -> Tensor:
+        # the original dtype, not the compute dtype: the merged layer runs among the model's other layers
         nf4 = self._quantized
-        return dequantize_nf4(nf4.nf4, nf4.compute_dtype or nf4.quant_dtype)
+        return dequantize_nf4(nf4.nf4, nf4.quant_dtype)
 
-    def _merge_names(self, names: list[str], safe_merge: bool) -> None:
+    def _merge_names(self, names: list[str], safe_merge: bool, exact: bool = False) -> None:
         with torch.no_grad():
             w = self.merged_weight(self.merged_adapters + names)
             if safe_merge and not torch.isfinite(w).all():

@@ -12,7 +12,9 @@ dispatcher:
 - the pure-PyTorch kernel serves every dispatch key of :data:`FALLBACK_KEYS`
   that has no compiled kernel (CPU and CUDA when the library is missing, MPS,
   XPU, ... always);
-- the fake kernel and autograd are registered for every op.
+- the fake kernel and autograd are registered for every op (autograd from Python
+  only when the compiled library has no autograd kernel for it: csrc/autograd.cpp
+  registers lora_linear's in C++, the same formula without a Python round trip).
 
 ``tests/test_dispatcher.py`` checks that each Python schema equals the compiled one.
 """
@@ -74,8 +76,13 @@ def register(*defs: OpDef) -> None:
             _lib.impl(op.name, op.reference, key)
         _FALLBACK_REGISTERED[op.name] = keys
         torch.library.register_fake(op.qualname, op.fake, lib=_lib)
-        if op.backward is not None:
+        if op.backward is not None and not _has_compiled_autograd(op.qualname):
             torch.library.register_autograd(op.qualname, op.backward, setup_context=op.setup_context, lib=_lib)
+
+
+def _has_compiled_autograd(qualname: str) -> bool:
+    # csrc/autograd.cpp registers the same formula in C++ (no Python round trip per call)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd")
 
 
 def fallback_dispatch_keys(name: str) -> list[str]:

@@ -14,9 +14,11 @@ from torch import Tensor
 from ..quant.nf4 import NF4Weight
 from . import _loader
 from .checks import check_adapter, check_lora_linear_args, check_scale
+from .exact_merge import MergeRecord, merge_exact_, unmerge_exact_
 
 __all__ = [
     "STRATEGIES",
+    "MergeRecord",
     "autocast_dtype_for",
     "dropout_mask",
     "lora_linear",
@@ -119,8 +121,14 @@ def merged_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) 
     return torch.ops.lora_ext.merged_weight(weight, lora_A, lora_B, check_scale(scale))
 
 
-def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
-    """In place ``W += scale · B A``: accumulate in fp32, round once. Returns ``weight``."""
+def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, record: MergeRecord | None = None) -> Tensor:
+    """In place ``W += scale · B A``: accumulate in fp32, round once. Returns ``weight``.
+
+    With ``record`` (an empty :class:`MergeRecord`), the merge is exact: ``record`` receives what
+    ``unmerge_(..., record=record)`` needs to give W back bit for bit (lora_ext/ops/exact_merge.py).
+    """
+    if record is not None:
+        return merge_exact_(weight, lora_A, lora_B, scale, record)
     check_adapter(weight, lora_A, lora_B)
     scale = check_scale(scale)
     with torch.no_grad():
@@ -128,8 +136,13 @@ def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tens
     return weight
 
 
-def unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
-    """In place ``W -= scale · B A``: the exact inverse formula of :func:`merge_`. Returns ``weight``."""
+def unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, record: MergeRecord | None = None) -> Tensor:
+    """In place ``W -= scale · B A``: the exact inverse formula of :func:`merge_`. Returns ``weight``.
+
+    With the ``record`` of an exact merge, W is restored bit for bit and ``record`` is emptied.
+    """
+    if record is not None:
+        return unmerge_exact_(weight, lora_A, lora_B, scale, record)
     check_adapter(weight, lora_A, lora_B)
     scale = check_scale(scale)
     with torch.no_grad():

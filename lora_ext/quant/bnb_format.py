@@ -70,7 +70,11 @@ def nf4_weight_from_state_dict(state_dict: dict, wkey: str, device=None) -> NF4W
     """Build and validate an :class:`NF4Weight` from bitsandbytes-format entries ``wkey``, ``wkey.absmax``, ...
 
     Raises ValueError/TypeError naming the key when the JSON quant_state and the
-    tensors disagree (quant type, dtype, shape, blocksize, lengths, code tables).
+    tensors disagree (quant type, dtype, shape, blocksize, lengths, code tables),
+    and ValueError for the bfloat16 transposed scales a bitsandbytes ``Linear4bit``
+    leaves in its ``state_dict()`` after CPU inference repacking (plain NF4 only:
+    with double quantization bitsandbytes re-quantizes the scales on the way back,
+    a valid state that loads and equals what that layer then computes with).
     """
     qs_key = f"{wkey}.{QS_KEY}"
     fp4_key = f"{wkey}.quant_state.bitsandbytes__fp4"
@@ -108,6 +112,15 @@ def nf4_weight_from_state_dict(state_dict: dict, wkey: str, device=None) -> NF4W
     if quant_map.dtype != torch.float32 or not torch.equal(quant_map.cpu(), nf4_code()):
         raise ValueError(f"lora_ext: {wkey}.quant_map is not the NF4 code table")
     nested = "nested_offset" in meta or f"{wkey}.nested_absmax" in state_dict
+    if not nested and absmax.dtype == torch.bfloat16:
+        raise ValueError(
+            f"lora_ext: {wkey}.absmax is bfloat16 {list(absmax.shape)}: this is bitsandbytes' CPU inference layout, "
+            "not its checkpoint format. bitsandbytes (0.50) rewrites a Linear4bit's weight when it runs in eval mode "
+            "without gradients on an AVX512-BF16 CPU, rounding the block scales to bfloat16 and transposing them, "
+            "and its state_dict() does not restore them; the original scales are lost. Convert from the saved "
+            "checkpoint, or from a model that has not run inference that way (call model.train() or set "
+            "support_avx512bf16_for_cpu = False on its Linear4bit layers before such forwards)"
+        )
     nested_absmax = nested_code = offset = None
     nested_blocksize = 256
     if nested:

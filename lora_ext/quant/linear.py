@@ -229,7 +229,9 @@ def memory_report(model: nn.Module) -> dict[str, float]:
         factors), ``other_params``/``other_bytes`` (everything else: embeddings,
         norms, biases, unquantized layers), ``total_bytes`` and
         ``bits_per_param`` (total bytes·8 / all parameters, counting each NF4
-        weight element as one parameter).
+        weight element as one parameter), ``merge_record_bytes`` (exact-merge records,
+        included in ``total_bytes``) and ``merge_record_fraction`` (those bytes over the
+        bytes of the weights merged exactly).
     """
     q_params = q_bytes = lora_params = lora_bytes = other_params = other_bytes = 0
     seen: set[int] = set()
@@ -254,8 +256,15 @@ def memory_report(model: nn.Module) -> dict[str, float]:
         else:
             other_params += t.numel()
             other_bytes += nbytes
+    # exact-merge records (lora_ext/nn/exact_merge.py): held only while merged exactly, freed on unmerge
+    record_bytes = sum(m.merge_record_bytes() for m in model.modules() if hasattr(m, "merge_record_bytes"))
+    recorded_weight_bytes = sum(
+        m.base_layer.weight.numel() * m.base_layer.weight.element_size()
+        for m in model.modules()
+        if getattr(m, "_merge_records", None)
+    )
     total_params = q_params + lora_params + other_params
-    total_bytes = q_bytes + lora_bytes + other_bytes
+    total_bytes = q_bytes + lora_bytes + other_bytes + record_bytes
     return {
         "quantized_params": q_params,
         "quantized_bytes": q_bytes,
@@ -264,6 +273,8 @@ def memory_report(model: nn.Module) -> dict[str, float]:
         "lora_bytes": lora_bytes,
         "other_params": other_params,
         "other_bytes": other_bytes,
+        "merge_record_bytes": record_bytes,
+        "merge_record_fraction": record_bytes / recorded_weight_bytes if recorded_weight_bytes else 0.0,
         "total_bytes": total_bytes,
         "bits_per_param": 8.0 * total_bytes / total_params if total_params else 0.0,
     }

@@ -1,0 +1,87 @@
+// Autograd of lora_linear in C++, registered on the Autograd alias key (every backend).
+//
+// The formula is the one of lora_ext/ops/dense.py (which registers it from Python when
+// this library is not loaded): the forward saves x, the parameters and the dropout seed
+// (nothing activation-sized, no mask), the backward calls lora_linear_backward once with
+// the mask of the inputs that need a gradient. Doing this in C++ instead of through
+// torch.library.register_autograd removes the Python autograd.Function round trip
+// (argument normalisation, ctx bookkeeping, a Python backward) from every call: at
+// small M that fixed cost is most of a LoRA layer's time (BENCHMARKS.md, per-call table).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace lora_ext {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+Tensor call_forward(LORA_EXT_LINEAR_PARAMS) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lora_ext::lora_linear", "")
+                             .typed<Tensor(LORA_EXT_LINEAR_PARAMS)>();
+  return op.call(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+}
+
+GradTuple call_backward(LORA_EXT_LINEAR_BACKWARD_PARAMS) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lora_ext::lora_linear_backward", "")
+                             .typed<GradTuple(LORA_EXT_LINEAR_BACKWARD_PARAMS)>();
+  return op.call(grad_out, x, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy, output_mask);
+}
+
+class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, LORA_EXT_LINEAR_PARAMS) {
+    Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      y = call_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+    }
+    const bool has_bias = bias.has_value() && bias->defined();
+    const bool has_seed = dropout_seed.has_value() && dropout_seed->defined();
+    ctx->save_for_backward({x, weight, lora_A, lora_B, has_seed ? *dropout_seed : Tensor()});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["strategy"] = strategy;
+    ctx->saved_data["has_bias"] = has_bias;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    // Edges exist for the defined tensor inputs only: x, weight, [bias], lora_A, lora_B, [seed].
+    const size_t a_edge = has_bias ? 3 : 2;
+    const std::array<bool, 5> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                      has_bias && ctx->needs_input_grad(2), ctx->needs_input_grad(a_edge),
+                                      ctx->needs_input_grad(a_edge + 1)};
+    variable_list out(9);  // one per forward argument; undefined = no gradient
+    if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) return out;
+    const Tensor& seed = saved[4];
+    const std::optional<Tensor> seed_opt = seed.defined() ? std::optional<Tensor>(seed) : std::nullopt;
+    auto grads = call_backward(grad_outputs[0], saved[0], saved[1], saved[2], saved[3],
+                               ctx->saved_data["scale"].toDouble(), ctx->saved_data["dropout_p"].toDouble(),
+                               seed_opt, ctx->saved_data["strategy"].toInt(), mask);
+    if (mask[0]) out[0] = std::get<0>(grads);
+    if (mask[1]) out[1] = std::get<1>(grads);
+    if (mask[2]) out[2] = std::get<2>(grads);
+    if (mask[3]) out[3] = std::get<3>(grads);
+    if (mask[4]) out[4] = std::get<4>(grads);
+    return out;
+  }
+};
+
+Tensor lora_linear_autograd(LORA_EXT_LINEAR_PARAMS) {
+  return LoraLinearFunction::apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_ext, Autograd, m) { m.impl("lora_linear", &lora_linear_autograd); }
+
+}  // namespace lora_ext
