@@ -64,9 +64,9 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) return out;
     const Tensor& seed = saved[4];
     const std::optional<Tensor> seed_opt = seed.defined() ? std::optional<Tensor>(seed) : std::nullopt;
-    auto grads = call_backward(grad_outputs[0], saved[0], saved[1], saved[2], saved[3],
-                               ctx->saved_data["scale"].toDouble(), ctx->saved_data["dropout_p"].toDouble(),
-                               seed_opt, ctx->saved_data["strategy"].toInt(), mask);
+    auto grads =
+        call_backward(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], ctx->saved_data["scale"].toDouble(),
+                      ctx->saved_data["dropout_p"].toDouble(), seed_opt, ctx->saved_data["strategy"].toInt(), mask);
     if (mask[0]) out[0] = std::get<0>(grads);
     if (mask[1]) out[1] = std::get<1>(grads);
     if (mask[2]) out[2] = std::get<2>(grads);

@@ -209,6 +209,31 @@ def test_layers_with_dora_adapters_raise_or_give_the_base():
     assert not q._disable_adapters
 
 
+def test_conv1d_layer_routes_rows_and_overridden_forwards_are_refused():
+    """LoraConv1D (weight [in, out], square so a missing transpose would not fail on shapes) routes rows;
+    a LoraLinear subclass with a forward of its own (DoRA, bitsandbytes) is not taken as mixed-capable."""
+    from lora_ext.nn.mixed import linear_forward, mixed_support
+
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    layer = lora_ext.nn.conv.LoraConv1D(conv1d(8, 8), "a", r=2, init_lora_weights=False)
+    layer.add_adapter("b", 3, 6, init_lora_weights=False)
+    layer.eval()
+    x = torch.randn(3, 5, 8)
+    names = ["b", "__base__", "a"]
+    got = linear_forward(layer, x, names)
+    for i, n in enumerate(names):
+        layer.set_active(() if n == "__base__" else (n,))
+        torch.testing.assert_close(got[i : i + 1], layer(x[i : i + 1]), rtol=1e-5, atol=1e-6)
+    assert mixed_support(layer)
+
+    class OwnForward(lora_ext.LoraLinear):
+        def forward(self, x):
+            return self.base_layer(x)
+
+    assert not mixed_support(OwnForward(torch.nn.Linear(4, 4), "a", r=2))
+
+
 def test_layer_without_mixed_support_raises_naming_it():
     """modules_to_save around a module whose rows are not independent for PEFT (an RMSNorm): asking
     for its adapter raises and names the layer; a batch without that adapter runs."""

@@ -52,8 +52,8 @@ __device__ __forceinline__ float delta(const float* __restrict__ A, const float*
 }
 
 template <typename T>
-__global__ void merge_exact_kernel(T* W, const float* __restrict__ A, const float* __restrict__ B, int64_t N,
-                                   int64_t K, int64_t r, float scale, int64_t* index, T* value, int64_t capacity,
+__global__ void merge_exact_kernel(T* W, const float* __restrict__ A, const float* __restrict__ B, int64_t N, int64_t K,
+                                   int64_t r, float scale, int64_t* index, T* value, int64_t capacity,
                                    unsigned long long* count, uint32_t* overflow) {
   using E = Exact<T>;
   const int64_t total = N * K;
@@ -115,25 +115,25 @@ unsigned grid_for(int64_t total) {
 
 }  // namespace
 
-#define LORA_EXACT_DISPATCH(dtype, CALL)            \
-  switch (dtype) {                                  \
-    case DType::kFloat32: {                         \
-      using T = float;                              \
-      CALL;                                         \
-      break;                                        \
-    }                                               \
-    case DType::kFloat16: {                         \
-      using T = __half;                             \
-      CALL;                                         \
-      break;                                        \
-    }                                               \
-    case DType::kBFloat16: {                        \
-      using T = __nv_bfloat16;                      \
-      CALL;                                         \
-      break;                                        \
-    }                                               \
-    default:                                        \
-      return cudaErrorInvalidValue;                 \
+#define LORA_EXACT_DISPATCH(dtype, CALL) \
+  switch (dtype) {                       \
+    case DType::kFloat32: {              \
+      using T = float;                   \
+      CALL;                              \
+      break;                             \
+    }                                    \
+    case DType::kFloat16: {              \
+      using T = __half;                  \
+      CALL;                              \
+      break;                             \
+    }                                    \
+    case DType::kBFloat16: {             \
+      using T = __nv_bfloat16;           \
+      CALL;                              \
+      break;                             \
+    }                                    \
+    default:                             \
+      return cudaErrorInvalidValue;      \
   }
 
 cudaError_t launch_merge_exact(DType dtype, void* W, const float* A32, const float* B32, int64_t N, int64_t K,
@@ -147,20 +147,20 @@ cudaError_t launch_merge_exact(DType dtype, void* W, const float* A32, const flo
 }
 
 cudaError_t launch_merge_exact_overflow(DType dtype, void* W, const float* A32, const float* B32, int64_t N, int64_t K,
-                                        int64_t r, float scale, int64_t* index, void* value,
-                                        unsigned long long* count, const uint32_t* overflow, cudaStream_t stream) {
+                                        int64_t r, float scale, int64_t* index, void* value, unsigned long long* count,
+                                        const uint32_t* overflow, cudaStream_t stream) {
   if (N * K == 0) return cudaSuccess;
-  LORA_EXACT_DISPATCH(dtype, (merge_exact_overflow_kernel<T><<<grid_for(N * K), kThreads, 0, stream>>>(
-                                 static_cast<T*>(W), A32, B32, N, K, r, scale, index, static_cast<T*>(value), count,
-                                 overflow)));
+  LORA_EXACT_DISPATCH(
+      dtype, (merge_exact_overflow_kernel<T><<<grid_for(N * K), kThreads, 0, stream>>>(
+                 static_cast<T*>(W), A32, B32, N, K, r, scale, index, static_cast<T*>(value), count, overflow)));
   return cudaGetLastError();
 }
 
 cudaError_t launch_unmerge_exact(DType dtype, void* W, const float* A32, const float* B32, int64_t N, int64_t K,
                                  int64_t r, float scale, cudaStream_t stream) {
   if (N * K == 0) return cudaSuccess;
-  LORA_EXACT_DISPATCH(dtype, (unmerge_exact_kernel<T><<<grid_for(N * K), kThreads, 0, stream>>>(
-                                 static_cast<T*>(W), A32, B32, N, K, r, scale)));
+  LORA_EXACT_DISPATCH(dtype, (unmerge_exact_kernel<T><<<grid_for(N * K), kThreads, 0, stream>>>(static_cast<T*>(W), A32,
+                                                                                                B32, N, K, r, scale)));
   return cudaGetLastError();
 }
 

@@ -24,8 +24,8 @@ cudaError_t launch_merge_exact(DType dtype, void* W, const float* A32, const flo
 // The overflowed elements of launch_merge_exact: merge them and append them all (count continues
 // from the first pass; index/value hold room for every element).
 cudaError_t launch_merge_exact_overflow(DType dtype, void* W, const float* A32, const float* B32, int64_t N, int64_t K,
-                                        int64_t r, float scale, int64_t* index, void* value,
-                                        unsigned long long* count, const uint32_t* overflow, cudaStream_t stream);
+                                        int64_t r, float scale, int64_t* index, void* value, unsigned long long* count,
+                                        const uint32_t* overflow, cudaStream_t stream);
 
 // Unmerge in place: W = round(W - d) for every element (the recorded originals are written back
 // by the caller).

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..quant.linear import LinearNF4
-from .conv import Conv1D, LoraConv1D, LoraConv1d, LoraConv2d, LoraConv3d, check_conv_rank
 from .bnb import LoraLinear4bit, check_linear4bit, is_bnb_linear4bit
+from .conv import Conv1D, LoraConv1D, LoraConv1d, LoraConv2d, LoraConv3d, check_conv_rank
 from .dora import DORA_MAGNITUDE_KEY
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, LoraLinearNF4
 
