@@ -18,7 +18,8 @@
 #                cuobjdump: every kernel of the library has lora_ext in its name (what the
 #                sanitizers' kernel filter matches), so none goes unchecked
 #   selftest     `python -m lora_ext`: every compiled op on CPU and GPU against the fallback
-#   cuda_tests   tests/test_cuda.py + tests/test_nf4_cuda.py + tests/test_dora_cuda.py in one pytest run (junit xml);
+#   cuda_tests   tests/test_cuda.py + tests/test_nf4_cuda.py + tests/test_dora_cuda.py + tests/test_mixed_cuda.py
+#                in one pytest run (junit xml);
 #                fails unless tests - skipped > 0 and failures + errors == 0
 #   racecheck    compute-sanitizer racecheck of the lora_ext kernels (shared-memory hazards)
 #   memcheck     compute-sanitizer memcheck of the lora_ext kernels (out-of-bounds, misaligned)
@@ -333,7 +334,8 @@ spills() {
 
 cuda_tests() {
   local rc=0
-  "$PYTHON" -m pytest tests/test_cuda.py tests/test_nf4_cuda.py tests/test_dora_cuda.py -q -rs -p no:cacheprovider \
+  "$PYTHON" -m pytest tests/test_cuda.py tests/test_nf4_cuda.py tests/test_dora_cuda.py tests/test_mixed_cuda.py -q -rs \
+    -p no:cacheprovider \
     --junitxml="$LOG_DIR/cuda_tests.xml" || rc=$?
   check_junit "$LOG_DIR/cuda_tests.xml" || return 1
   return "$rc"

@@ -12,7 +12,7 @@ strategies, dropout on and off, with and without bias, unaligned offset views,
 an expanded grad_out), merge_ (16-byte vector path, scalar path, transposed and
 offset weights), merged_weight, dropout_mask, nf4_dequantize (plain and
 double-quantized, blocksizes 32 and 64, odd element counts), lora_linear_nf4 and
-lora_linear_nf4_backward. Shapes have tails everywhere: N = 67 is no multiple
+lora_linear_nf4_backward, lora_linear_mixed and lora_linear_mixed_backward. Shapes have tails everywhere: N = 67 is no multiple
 of the merge kernel's 32-row tile, K = 129 (scalar path) and K = 264 (vector
 path, no multiple of the 128/256-column tile); r = 40 is past the merge
 kernel's rank chunk of 32, so its second chunk and the barriers between chunks
@@ -88,6 +88,32 @@ def nf4_ops(dtype: torch.dtype) -> None:
                     _finite(*OPS.lora_linear_nf4_backward(g, x, *qw.op_args(), n, a, b, 1.5, p, s, [True] * 4))
 
 
+def mixed_ops(dtype: torch.dtype) -> None:
+    """lora_linear_mixed, lora_linear_mixed_backward (random, all-base and empty-segment indices, offset views)."""
+    seed = torch.tensor(9, device=DEV)
+    for m, k, n, r in SHAPES:
+        n_ad = 4
+        x = torch.randn(m, k, device=DEV, dtype=dtype)
+        w = torch.randn(n, k, device=DEV, dtype=dtype) / k**0.5
+        a = torch.randn(n_ad, r, k, device=DEV, dtype=dtype) / k**0.5
+        b = torch.randn(n_ad, n, r, device=DEV, dtype=dtype) / r**0.5
+        bias = torch.randn(n, device=DEV, dtype=dtype)
+        g = torch.randn(m, n, device=DEV, dtype=dtype)
+        scales = [0.5, 1.0, 1.5, 2.0]
+        for index in (
+            torch.randint(-1, n_ad, (m,), device=DEV),
+            torch.full((m,), -1, device=DEV),
+            (torch.arange(m, device=DEV) % 2) * 2,  # adapters 1 and 3 own no row
+        ):
+            for ps, s in (([0.0] * n_ad, None), ([0.3, 0.0, 0.5, 1.0], seed)):
+                _finite(OPS.lora_linear_mixed(x, w, bias, a, b, scales, index, ps, s))
+                _finite(*OPS.lora_linear_mixed_backward(g, x, w, a, b, scales, index, ps, s, [True] * 4))
+        index = torch.randint(-1, n_ad, (m,), device=DEV)
+        _finite(OPS.lora_linear_mixed(x[:, 1:], w[:, 1:], None, a[:, :, 1:], b, scales, index, [0.0] * n_ad, None))
+        _finite(*OPS.lora_linear_mixed_backward(g[:1].expand(m, n), x, w, a, b, scales, index, [0.0] * n_ad, None,
+                                                [True, False, True, True]))  # fmt: skip
+
+
 def main(argv: list[str]) -> int:
     info = lora_ext.build_info()
     if not (torch.cuda.is_available() and info.get("cuda")):
@@ -97,6 +123,7 @@ def main(argv: list[str]) -> int:
     for name in names:
         lora_ops(DTYPES[name])
         nf4_ops(DTYPES[name])
+        mixed_ops(DTYPES[name])
         torch.cuda.synchronize()
         print(f"sanitize case: {name} done", flush=True)
     return 0

@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+import lora_ext
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -103,6 +105,19 @@ def test_percall_and_nf4_csv(quick_run):
     assert {"base", "lora_ext"} <= set(timed) and float(timed["lora_ext"]["fwd_bwd_ms"]) > 0
     bits = [float(r["bits_per_param"]) for r in nf4 if r["bench"] == "nf4_bits"]
     assert bits and all(4.0 < b < 4.6 for b in bits)
+
+
+def test_mixed_csv(quick_run):
+    out, stdout = quick_run
+    rows = _csv(out / "mixed.csv")
+    got = {(int(r["n_adapters"]), r["method"], r["op"]) for r in rows}
+    methods = {"base", "dense", "lora_ext" if lora_ext.extension_loaded() else "lora_ext[fallback]", "peft"}
+    assert got >= {(n, m, op) for n in (1, 4, 16) for m in methods for op in ("forward", "fwd+bwd")}
+    for r in rows:
+        assert float(r["ms"]) > 0 and float(r["vs_dense"]) > 0
+        if r["method"] == "dense":
+            assert float(r["vs_dense"]) == 1.0
+    assert "mixed-adapter batches" in stdout
 
 
 def test_dora_csv(quick_run):

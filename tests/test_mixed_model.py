@@ -180,6 +180,60 @@ def test_layer_level_length_mismatch_raises():
         layer(torch.randn(3, 8))
 
 
+def test_dora_adapters_are_refused():
+    """A layer whose adapter carries a DoRA magnitude (PEFT's attribute names) is not plain LoRA: it raises."""
+    layer = lora_ext.LoraLinear(torch.nn.Linear(8, 4), "default", r=2)
+    layer.use_dora = {"default": True}
+    layer._mixed_adapter_names = ["default", "__base__"]
+    with pytest.raises(ValueError, match="DoRA"):
+        layer(torch.randn(2, 8))
+
+
+def test_layers_with_dora_adapters_raise_or_give_the_base():
+    """A layer holding DoRA magnitudes: asked for its adapter it raises (model level, before anything
+    runs); holding none of the requested adapters it gives every row the base output."""
+    model = tiny_llama()
+    inject(model, "a", seed=1, **CONFIG_A)
+    inject(model, "b", seed=2, r=2, lora_alpha=3, target_modules=["v_proj"])
+    randomize_lora(model, seed=3)
+    q = model.model.layers[0].self_attn.q_proj
+    q.lora_magnitude_vector = torch.nn.ModuleDict({"a": torch.nn.Linear(1, 1)})  # stands in for a DoRA layer
+    ids = llama_ids(batch=2, seq=4)
+    with pytest.raises(ValueError, match=r"DoRA adapters \(model\.layers\.0\.self_attn\.q_proj"):
+        model(ids, adapter_names=["a", "__base__"])
+    with torch.no_grad():
+        got = model(ids, adapter_names=["b", "b"]).logits  # q_proj holds no "b": base output there
+        lora_ext.set_adapter(model, "b")
+        want = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not q._disable_adapters
+
+
+def test_conv1d_layer_routes_rows_and_overridden_forwards_are_refused():
+    """LoraConv1D (weight [in, out], square so a missing transpose would not fail on shapes) routes rows;
+    a LoraLinear subclass with a forward of its own (DoRA, bitsandbytes) is not taken as mixed-capable."""
+    from lora_ext.nn.mixed import linear_forward, mixed_support
+
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    layer = lora_ext.nn.conv.LoraConv1D(conv1d(8, 8), "a", r=2, init_lora_weights=False)
+    layer.add_adapter("b", 3, 6, init_lora_weights=False)
+    layer.eval()
+    x = torch.randn(3, 5, 8)
+    names = ["b", "__base__", "a"]
+    got = linear_forward(layer, x, names)
+    for i, n in enumerate(names):
+        layer.set_active(() if n == "__base__" else (n,))
+        torch.testing.assert_close(got[i : i + 1], layer(x[i : i + 1]), rtol=1e-5, atol=1e-6)
+    assert mixed_support(layer)
+
+    class OwnForward(lora_ext.LoraLinear):
+        def forward(self, x):
+            return self.base_layer(x)
+
+    assert not mixed_support(OwnForward(torch.nn.Linear(4, 4), "a", r=2))
+
+
 def test_layer_without_mixed_support_raises_naming_it():
     """modules_to_save around a module whose rows are not independent for PEFT (an RMSNorm): asking
     for its adapter raises and names the layer; a batch without that adapter runs."""

@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..nn.layers import LoraLayer, ModulesToSaveWrapper
-from ..nn.mixed import BASE_NAME
+from ..nn.mixed import BASE_NAME, mixed_support
 
 _STATE_ATTR = "_lora_ext_state"  # lora_ext/model/inject.py
 _BATCH_KWARGS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "x")
@@ -112,7 +112,14 @@ class MixedBatchHooks:
                     f"lora_ext: adapter_names cannot be honoured while adapters are merged ({path}: "
                     f"{m.merged_adapters}); call lora_ext.unmerge_adapter(model) first"
                 )
-            if getattr(m, "supports_mixed_batch", False):
+            magnitudes = getattr(m, "lora_magnitude_vector", None)
+            if held and magnitudes is not None and len(magnitudes):
+                # DoRA layers (lora_ext/nn/dora.py: a forward of their own) are not routed row by row.
+                raise ValueError(
+                    f"lora_ext: adapter_names is not supported on a layer with DoRA adapters ({path}, "
+                    f"{type(m).__name__}: {sorted(magnitudes.keys())}), as in PEFT"
+                )
+            if mixed_support(m) and not (magnitudes is not None and len(magnitudes)):
                 plan.append((m, False))
             elif held:
                 raise ValueError(

@@ -36,6 +36,22 @@ if TYPE_CHECKING:
 BASE_NAME = "__base__"
 
 
+def mixed_support(module) -> bool:
+    """Whether ``module`` routes rows to adapters: a layer that opted in (``supports_mixed_batch``) and
+    whose ``forward`` is the one that reads the names (a subclass with a forward of its own, e.g. DoRA or
+    bitsandbytes layers, would ignore them), or a modules_to_save copy of a row-wise module."""
+    from .layers import LoraEmbedding, LoraLinear, ModulesToSaveWrapper
+
+    if isinstance(module, ModulesToSaveWrapper):
+        return isinstance(module.original_module, ROW_WISE_MODULES)
+    if not getattr(module, "supports_mixed_batch", False):
+        return False
+    for cls in (LoraLinear, LoraEmbedding):
+        if isinstance(module, cls):
+            return type(module).forward is cls.forward
+    return False
+
+
 def _check_rows(layer, x: Tensor, names: list[str]) -> None:
     kind = type(layer).__name__
     if layer._disable_adapters:
@@ -86,6 +102,12 @@ def linear_forward(layer: LoraLinear, x: Tensor, names: list[str], *args, **kwar
     base = layer.base_layer
     if index is None:
         return base(x)
+    # Adapters with a weight-decomposed (DoRA) magnitude are not plain LoRA: refuse, as PEFT does.
+    dora = getattr(layer, "use_dora", None) or {}
+    magnitudes = getattr(layer, "lora_magnitude_vector", None) or {}
+    refused = [a for a in used if (isinstance(dora, dict) and dora.get(a)) or a in magnitudes]
+    if refused:
+        raise ValueError(f"lora_ext: adapter_names does not support DoRA adapters {refused} ({type(layer).__name__})")
     ranks = [layer.r[a] for a in used]
     scales = [layer.scaling[a] for a in used]
     ps = [layer.lora_dropout_p[a] if layer.training else 0.0 for a in used]
@@ -120,7 +142,12 @@ def linear_forward(layer: LoraLinear, x: Tensor, names: list[str], *args, **kwar
     with guard:
         # An NF4 base is dequantized into a dense weight for the call (autograd keeps it until the
         # backward in training: one dense weight per layer, unlike the fused NF4 op).
-        w = dequantize_nf4(base.nf4, dtype) if quantized else base.weight.to(dtype)
+        if quantized:
+            w = dequantize_nf4(base.nf4, dtype)
+        elif getattr(layer, "fan_in_fan_out", False):  # transformers' Conv1D: weight [in, out]
+            w = base.weight.t().to(dtype)
+        else:
+            w = base.weight.to(dtype)
         bias = None if base.bias is None else base.bias.to(dtype)
         y = ops.lora_linear_mixed(x.to(dtype), w, lora_A.to(dtype), lora_B.to(dtype), scales, index, bias, ps)
     return y.to(x.dtype) if quantized and amp is None else y
