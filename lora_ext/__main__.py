@@ -185,6 +185,44 @@ def _dora_backward(dev, dt):
     ]
 
 
+def _mixed_args(dev, dt):
+    x, w, _, _, bias, g = _lora(dev, dt)
+    a = _rand(dev, dt, 3, R, K, seed=12, scale=K**-0.5)  # three adapters
+    b = _rand(dev, dt, 3, N, R, seed=13, scale=R**-0.5)
+    index = (torch.arange(M) % 4 - 1).to(dev)  # -1 (base only), 0, 1, 2 interleaved
+    return x, w, bias, a, b, g, index
+
+
+def _mixed(dev, dt):
+    x, w, bias, a, b, _, index = _mixed_args(dev, dt)
+    return [
+        (x, w, bias, a, b, [1.5, -0.5, 2.0], index, [0.25, 0.0, 0.1], _seed(dev)),
+        (x, w, None, a, b, [1.5, -0.5, 2.0], index, [0.0, 0.0, 0.0], None),
+    ]
+
+
+def _mixed_backward(dev, dt):
+    x, w, _, a, b, g, index = _mixed_args(dev, dt)
+    return [
+        (g, x, w, a, b, [1.5, -0.5, 2.0], index, [0.25, 0.0, 0.1], _seed(dev), [True, False, True, True]),
+        (g, x, w, a, b, [1.5, -0.5, 2.0], index, [0.0, 0.0, 0.0], None, [True, False, True, True]),
+    ]
+
+
+def _merge_exact(dev, dt):
+    _, w, a, b, _, _ = _lora(dev, dt)
+    return [(w, a * 30, b, 0.7), (_rand(dev, dt, K, N, seed=8).t(), a, b, -0.7)]  # |ΔW| ~ |W|; column-major W
+
+
+def _unmerge_exact(dev, dt):
+    cases = []
+    for w, a, b, s in _merge_exact(dev, dt):
+        merged = w.clone()
+        index, value = _library.OPS["merge_exact_"].reference(merged, a, b, s)  # the record of the fallback
+        cases.append((merged, a, b, s, index, value))
+    return cases
+
+
 def _lora_nf4_backward(dev, dt):
     x, _, a, b, _, g = _lora(dev, dt)
     plain, dq = _nf4_storage(dev)
@@ -208,6 +246,10 @@ SELFTEST_OPS: dict[str, SelfTestOp] = {
     "dora_weight_norm": SelfTestOp(_dora_norm),
     "dora_linear": SelfTestOp(_dora_linear),
     "dora_linear_backward": SelfTestOp(_dora_backward),
+    "lora_linear_mixed": SelfTestOp(_mixed),
+    "lora_linear_mixed_backward": SelfTestOp(_mixed_backward),
+    "merge_exact_": SelfTestOp(_merge_exact, exact=True, inplace=True),  # same bits and record on every path
+    "unmerge_exact_": SelfTestOp(_unmerge_exact, exact=True, inplace=True),
 }
 
 
@@ -217,9 +259,8 @@ SELFTEST_OPS: dict[str, SelfTestOp] = {
 def _outputs(fn: Callable[..., Any], args: tuple, inplace: bool) -> list[torch.Tensor]:
     args = tuple(a.clone() if isinstance(a, torch.Tensor) and inplace else a for a in args)
     out = fn(*args)
-    if inplace:
-        return [args[0]]
-    return list(out) if isinstance(out, (tuple, list)) else [out]
+    outs = [] if out is None else list(out) if isinstance(out, (tuple, list)) else [out]
+    return [args[0], *outs] if inplace else outs
 
 
 def _compare(got: torch.Tensor, ref: torch.Tensor, exact: bool) -> tuple[float, float]:

@@ -142,8 +142,8 @@ def test_peft_config_object_passed_directly():
 def test_peft_config_with_an_unsupported_feature_is_refused_before_mutation():
     model = transformers.LlamaForCausalLM(llama_config()).eval()
     snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"use_dora=True.*accelerate"):
-        lora_ext.inject_adapter(model, peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match=r"lora_bias=True.*accelerate"):
+        lora_ext.inject_adapter(model, peft.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))
     assert_unchanged(model, snap)
 
 
