@@ -1,11 +1,10 @@
 // Run-time choice of the fused CPU kernel variant (see lowrank.h).
 //
-//   auto     the widest variant both the CPU and ATen's capability allow, up to avx2: ATen
-//            reports AVX512 / AVX2 / DEFAULT from cpuid, capped by ATEN_CPU_CAPABILITY, so the
-//            fused kernels follow the same switch as ATen's own kernels. The avx512 variant is
-//            compiled but has not yet run on an AVX-512 CPU, so auto does not pick it (an
-//            AVX-512 CPU gets avx2) until tests/test_cpu_kernels.py has passed on one; it is
-//            opt-in meanwhile (LORA_EXT_CPU_KERNEL=avx512).
+//   auto     the widest variant both the CPU and ATen's capability allow: ATen reports
+//            AVX512 / AVX2 / DEFAULT from cpuid, capped by ATEN_CPU_CAPABILITY, so the fused
+//            kernels follow the same switch as ATen's own kernels (ATEN_CPU_CAPABILITY=avx2 on
+//            an AVX-512 CPU gives avx2). The avx512 variant passed tests/test_cpu_kernels.py on
+//            an AVX-512 CPU and measured faster than avx2 there (BENCHMARKS.md, 2026-12-02).
 //   default  portable loops (vector extensions, baseline ISA)
 //   avx2     AVX2 + FMA + F16C
 //   avx512   AVX-512 F/BW/VL/DQ + FMA + F16C
@@ -87,6 +86,7 @@ bool runnable(int v) {
 
 int resolve_auto() {
   const std::string cap = at::get_cpu_capability();  // "DEFAULT", "AVX2", "AVX512", ... (honours ATEN_CPU_CAPABILITY)
+  if (cap == "AVX512" && has_avx512()) return kAvx512;
   if ((cap == "AVX512" || cap == "AVX2") && has_avx2()) return kAvx2;
   return kDefault;
 }
