@@ -184,14 +184,28 @@ def test_odd_shapes_and_strided_input_equal_peft(quant_type, double_quant, n, k)
     x = torch.randn(k, 13, generator=torch.Generator().manual_seed(3)).t()  # [13, k], strided
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
     y, y_ref = ours(xs[0]), ref(xs[1])
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     y.square().sum().backward()
     y_ref.square().sum().backward()
-    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
     g, g_ref = lora_grads(ours), lora_grads(ref)
-    assert len(g) == 4
+    assert len(g) == 4 and set(g) == set(g_ref)
+    # The yardstick is float64 on bitsandbytes' dequantized weight (the tolerance rule, docs/design.md
+    # §4), PEFT + bitsandbytes in fp32 being "plain PyTorch": the fused kernels (whose variant follows
+    # the CPU) and PEFT sum in different orders, so a fixed 1e-5 between the two is not a contract.
+    layer, bias = ours.proj, base.proj.bias
+    scaling = ref.base_model.model.proj.scaling  # alpha / r from PEFT, independent of ours
+    x64 = x.double().requires_grad_(True)
+    y64 = nn.functional.linear(x64, bnb_dequantize(base.proj, torch.float32).double(), bias.detach().double())
+    f64 = {}
+    for name in ("default", "second"):
+        a64 = layer.lora_A[name].weight.detach().double().requires_grad_(True)
+        b64 = layer.lora_B[name].weight.detach().double().requires_grad_(True)
+        f64[f"proj.lora_A.{name}.weight"], f64[f"proj.lora_B.{name}.weight"] = a64, b64
+        y64 = y64 + scaling[name] * (x64 @ a64.t()) @ b64.t()
+    y64.square().sum().backward()
+    assert_rule("y", y.detach(), y64.detach(), y_ref.detach(), torch.float32)
+    assert_rule("grad_x", xs[0].grad, x64.grad, xs[1].grad, torch.float32)
     for key in g:
-        torch.testing.assert_close(g[key], g_ref[key], rtol=1e-5, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+        assert_rule(key, g[key], f64[key].grad, g_ref[key], torch.float32)
 
 
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
