@@ -152,6 +152,11 @@ def _extensions():
         f'-DLORA_EXT_TORCH_FULL_VERSION="{torch.__version__}"',  # marker read by lora_ext/_loader.py
     ]
     include_dirs = [os.path.join(ROOT, "csrc")]
+    # at::parallel_for runs its body on ATen's OpenMP threads only in code compiled with OpenMP
+    # (ATen/ParallelOpenMP.h: without _OPENMP it is a plain serial loop). The extension links
+    # libgomp.so.1, the runtime torch already loaded (one thread pool, torch.set_num_threads applies).
+    omp = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
+    cxx += omp
 
     want_cuda = not _env_flag("LORA_EXT_SKIP_CUDA")
     why_not = None
@@ -166,7 +171,11 @@ def _extensions():
         want_cuda = False
 
     if not want_cuda:
-        return [CppExtension("lora_ext._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})]
+        return [
+            CppExtension(
+                "lora_ext._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, extra_link_args=omp
+            )
+        ]
 
     arch_list = _cuda_arch_list(_CUDA_HOME)
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # torch turns this into -gencode flags
@@ -186,7 +195,7 @@ def _extensions():
             include_dirs=include_dirs,
             library_dirs=[d for d in lib_dirs if os.path.isdir(d)],
             extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc},
-            extra_link_args=_cublas_link_args([d for d in lib_dirs if os.path.isdir(d)]),
+            extra_link_args=_cublas_link_args([d for d in lib_dirs if os.path.isdir(d)]) + omp,
         )
     ]
 

@@ -4,6 +4,10 @@
 #include <c10/core/Device.h>
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+
+#include <mutex>
+#include <set>
 #include <string>
 
 #include "cpu/kernels/lowrank.h"
@@ -78,6 +82,19 @@ pybind11::dict cpu_kernel_variants() {
   return out;
 }
 
+// How many distinct threads one at::parallel_for of this library runs its body on: ATen's thread
+// count when the library was compiled with OpenMP (ATen/ParallelOpenMP.h), 1 when it was not (then
+// every parallel_for of the CPU kernels is a serial loop).
+int64_t parallel_threads_used() {
+  std::mutex mu;
+  std::set<int> ids;
+  at::parallel_for(0, 4 * int64_t(at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    const std::lock_guard<std::mutex> lock(mu);
+    ids.insert(at::get_thread_num());
+  });
+  return static_cast<int64_t>(ids.size());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -93,4 +110,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "name or one this CPU cannot run. Returns the variant now active.",
         pybind11::arg("name"));
   m.def("cpu_kernel_variants", &cpu_kernel_variants, "Which CPU kernel variants this CPU can run.");
+  m.def("parallel_threads_used", &parallel_threads_used,
+        "Distinct threads one at::parallel_for of this library runs on (torch.get_num_threads() when it was "
+        "compiled with OpenMP, else 1).");
 }

@@ -28,7 +28,16 @@ pytestmark = requires_extension
 VARIANTS = ["default", "avx2", "avx512"]
 SCALE = 1.75
 # (M, K, N, r): odd sizes that miss every vector and tile, r = 1, 16, 128, the fallback 129, M = 1
-SHAPES = [(37, 129, 67, 5), (37, 129, 67, 1), (70, 96, 80, 16), (23, 136, 72, 128), (19, 40, 30, 129), (1, 129, 67, 5)]
+# (520, 129, 67, 16): three row steps of the fused kernels, split over the threads (partial sums reduced)
+SHAPES = [
+    (37, 129, 67, 5),
+    (37, 129, 67, 1),
+    (70, 96, 80, 16),
+    (23, 136, 72, 128),
+    (19, 40, 30, 129),
+    (1, 129, 67, 5),
+    (520, 129, 67, 16),
+]
 STRATEGY_CODES = {"auto": 0, "shrink_expand": 1, "merge": 2}
 
 
@@ -70,6 +79,19 @@ def _check_all(dtype, inputs, fn, keep=None, p=0.0, grad=None):
     assert_rule("y", ours[0], ref[0], plain[0], dtype)
     for name, o, r, t in zip(["grad_x", "grad_weight", "grad_A", "grad_B", "grad_bias"], ours[1], ref[1], plain[1]):
         assert_rule(name, o, r, t, dtype)
+
+
+def test_cpu_kernels_run_on_torchs_threads():
+    """The library is compiled with OpenMP: its at::parallel_for loops use torch's threads (without
+    -fopenmp ATen's parallel_for is a serial loop, and every fused kernel ran on one core)."""
+    C = _C()
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert C.parallel_threads_used() == n
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_variant_switch_reports_and_refuses():
