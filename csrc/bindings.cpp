@@ -1,10 +1,9 @@
 // The pybind11 module: introspection helpers only. Importing it loads this
 // shared library, whose static initialisers register the op schemas
 // (registration.cpp) and the CPU/CUDA kernels with the dispatcher.
+#include <ATen/Parallel.h>
 #include <c10/core/Device.h>
 #include <torch/extension.h>
-
-#include <ATen/Parallel.h>
 
 #include <mutex>
 #include <set>

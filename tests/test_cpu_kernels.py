@@ -232,6 +232,40 @@ def test_merge_keeps_nan_and_inf(variant, dtype):
     assert torch.isfinite(out[3:]).all()
 
 
+@pytest.mark.parametrize(
+    "shape", [(67, 129, 5), (130, 97, 16), (9, 50, 1), (20, 48, 128)], ids=lambda s: "x".join(map(str, s))
+)
+def test_bf16_merge_same_bits_on_every_variant(shape):
+    """The bf16 merge of the avx512 variant (AVX512-BF16 dot products where the CPU has them, a single
+    vcvtneps2bf16 per vector of normal numbers) gives the bits of the portable fp32-FMA loops: the same
+    sums in the same order, rounded once. W holds zeros, subnormals, +-inf and NaN (the slow store)."""
+    C = _C()
+    n, k, r = shape
+    _, w, a, b, _ = make_inputs(1, k, n, r, torch.bfloat16, bias=False)
+    w[0, :7] = torch.tensor([0.0, -0.0, 1e-39, -3e-40, float("inf"), -float("inf"), float("nan")])
+    w[1, :] = 0.0
+    b[2, :] = 0.0  # a row of W left unchanged by the delta
+    if r >= 4:  # W[3, 0] = s * fl(((1 + 0) + 1.5 2^-24) - 1): another order of the ranks gives other bits
+        w[3, 0] = 0.0
+        a[:, 0] = 1.0
+        b[3, :] = 0.0
+        b[3, :4] = torch.tensor([1.0, 0.0, 1.5 * 2.0**-24, -1.0])
+    before = C.cpu_kernel()
+    outs = {}
+    try:
+        for name in VARIANTS:
+            if C.cpu_kernel_variants()[name]:
+                C.set_cpu_kernel(name)
+                outs[name] = lora_ext.merged_weight(w, a, b, 0.625).view(torch.int16)
+    finally:
+        C.set_cpu_kernel(before)
+    assert len(outs) >= 1
+    for name, out in outs.items():
+        assert torch.equal(out, outs["default"]), name
+    if r >= 4:
+        assert outs["default"][3, 0].item() == torch.tensor(0.625 * 2.0**-23).bfloat16().view(torch.int16).item()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_variant_agrees_with_aten_path(variant, dtype):
     C = _C()

@@ -86,8 +86,9 @@ DropoutArgs make_dropout(double p, const std::optional<Tensor>& seed) {
 }
 
 // out[N, K] = weight + scale * B32 A32 (fp32 factors, contiguous), rounded once into out's dtype.
-void merge_into(const Kernels& kr, const Tensor& weight, const Tensor& A32, const Tensor& B32, float scale,
-                Tensor& out) {
+// factors_bf16: every element of A32 and B32 is a bf16 value (the factors came in bf16).
+void merge_into(const Kernels& kr, const Tensor& weight, const Tensor& A32, const Tensor& B32, float scale, Tensor& out,
+                bool factors_bf16 = false) {
   const int64_t N = weight.size(0), K = weight.size(1), r = A32.size(0);
   if (N == 0 || K == 0) return;
   Tensor Z, Q;
@@ -98,15 +99,11 @@ void merge_into(const Kernels& kr, const Tensor& weight, const Tensor& A32, cons
     Z = A32.t().contiguous(), Q = B32.t().contiguous(), rows = K, L = N, ldb = weight.stride(1), ldo = out.stride(1);
   } else {
     Tensor tmp = at::empty({N, K}, out.options());
-    merge_into(kr, weight.contiguous(), A32, B32, scale, tmp);
+    merge_into(kr, weight.contiguous(), A32, B32, scale, tmp, factors_bf16);
     out.copy_(tmp);
     return;
   }
   const float* zp = Z.data_ptr<float>();
-  // Q packed once by column blocks (kernels/lowrank.h: merge_pack), shared by the threads.
-  std::vector<float> packed(static_cast<size_t>(cpu::merge_packed_size(kr, r, L)));
-  kr.merge_pack(Q.data_ptr<float>(), L, r, L, packed.data());
-  const float* qp = packed.data();
   const DT bdt = dt_of(weight.scalar_type()), odt = dt_of(out.scalar_type());
   const char* bp = static_cast<const char*>(weight.data_ptr());
   char* op = static_cast<char*>(out.data_ptr());
@@ -118,6 +115,28 @@ void merge_into(const Kernels& kr, const Tensor& weight, const Tensor& A32, cons
   const int64_t nblocks = (rows + kBlock - 1) / kBlock;
   std::atomic<int64_t> next{0};
   const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), nblocks);
+  if (factors_bf16 && kr.merge_bf16 != nullptr && bdt == DT::kBFloat16 && odt == DT::kBFloat16) {
+    // bf16 W and bf16 factors: the AVX512-BF16 dot-product kernel (kernels/lowrank.h: merge_bf16).
+    const int64_t rp = (r + 1) / 2;
+    std::vector<uint32_t> zpairs(static_cast<size_t>(rows * rp)),
+        qpairs(static_cast<size_t>(cpu::pairs_blocked_size(r, L)));
+    cpu::pack_pairs(zp, r, rows, r, zpairs.data());
+    cpu::pack_pairs_blocked(Q.data_ptr<float>(), L, r, L, qpairs.data());
+    const auto* b16 = reinterpret_cast<const uint16_t*>(bp);
+    auto* o16 = reinterpret_cast<uint16_t*>(op);
+    at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+      for (int64_t blk = next.fetch_add(1); blk < nblocks; blk = next.fetch_add(1)) {
+        const int64_t m0 = blk * kBlock, mc = std::min(kBlock, rows - m0);
+        kr.merge_bf16(zpairs.data() + m0 * rp, mc, rp, qpairs.data(), L, scale, b16 + m0 * ldb, ldb, o16 + m0 * ldo,
+                      ldo);
+      }
+    });
+    return;
+  }
+  // Q packed once by column blocks (kernels/lowrank.h: merge_pack), shared by the threads.
+  std::vector<float> packed(static_cast<size_t>(cpu::merge_packed_size(kr, r, L)));
+  kr.merge_pack(Q.data_ptr<float>(), L, r, L, packed.data());
+  const float* qp = packed.data();
   at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
     for (int64_t blk = next.fetch_add(1); blk < nblocks; blk = next.fetch_add(1)) {
       const int64_t m0 = blk * kBlock, mc = std::min(kBlock, rows - m0);
@@ -391,7 +410,8 @@ void merged_rows_into_fused(const Tensor& weight, const Tensor& lora_A, const Te
                             Tensor& out) {
   const Kernels& kr = *cpu::active_kernels();
   const Tensor A32 = lora_A.to(at::kFloat).contiguous(), B32 = lora_B.to(at::kFloat).contiguous();
-  merge_into(kr, weight, A32, B32, static_cast<float>(scale), out);
+  const bool factors_bf16 = lora_A.scalar_type() == at::kBFloat16 && lora_B.scalar_type() == at::kBFloat16;
+  merge_into(kr, weight, A32, B32, static_cast<float>(scale), out, factors_bf16);
 }
 
 }  // namespace lora_ext

@@ -69,7 +69,50 @@ struct Kernels {
   // once into odt; base and out may alias (in place: W read and written once).
   void (*merge)(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Qp, int64_t L, float scale,
                 const void* base, DT bdt, int64_t ldb, void* out, DT odt, int64_t ldo);
+
+  // Optional (nullptr where the CPU or the variant lacks it): the bf16 merge on AVX512-BF16 dot
+  // products, for bf16 W (in and out) and factors that are bf16 values. Same sums as merge: every
+  // product of two bf16 values is exact in fp32, and the pairs are laid out so that each
+  // vdpbf16ps adds rank j before rank j + 1 (DAZ/FTZ aside: subnormal fp32 terms are flushed).
+  // Zp = pack_pairs(Z [rows, r]), Qp = pack_pairs_blocked(Q [r, L]) (below); rp = (r + 1) / 2.
+  void (*merge_bf16)(const uint32_t* Zp, int64_t rows, int64_t rp, const uint32_t* Qp, int64_t L, float scale,
+                     const uint16_t* base, int64_t ldb, uint16_t* out, int64_t ldo);
 };
+
+// The bf16 merge's operand layouts (portable code, any variant may pack them).
+constexpr int64_t kBf16PairBlock = 48;  // columns per packed block: 3 vectors of 16 fp32 lanes
+
+// The bf16 of a float that is a bf16 value (its high half).
+inline uint32_t bf16_bits(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  return u >> 16;
+}
+// One 32-bit lane of vdpbf16ps holding ranks (j, j + 1): j in the high half (added first), j + 1 low.
+inline uint32_t bf16_pair(float first, float second) { return (bf16_bits(first) << 16) | bf16_bits(second); }
+
+// Zp[m * rp + p] = pair(Z[m, 2p], Z[m, 2p + 1]) (0 past r), for m < rows.
+inline void pack_pairs(const float* Z, int64_t ldz, int64_t rows, int64_t r, uint32_t* Zp) {
+  const int64_t rp = (r + 1) / 2;
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t p = 0; p < rp; ++p)
+      Zp[m * rp + p] = bf16_pair(Z[m * ldz + 2 * p], 2 * p + 1 < r ? Z[m * ldz + 2 * p + 1] : 0.0f);
+}
+inline int64_t pairs_blocked_size(int64_t r, int64_t L) {
+  return (L + kBf16PairBlock - 1) / kBf16PairBlock * kBf16PairBlock * ((r + 1) / 2);
+}
+// Qp[(c rp + p) 48 + u] = pair(Q[2p, 48c + u], Q[2p + 1, 48c + u]) (0 past r and past L).
+inline void pack_pairs_blocked(const float* Q, int64_t ldq, int64_t r, int64_t L, uint32_t* Qp) {
+  const int64_t rp = (r + 1) / 2, nblk = (L + kBf16PairBlock - 1) / kBf16PairBlock;
+  for (int64_t c = 0; c < nblk; ++c)
+    for (int64_t p = 0; p < rp; ++p)
+      for (int64_t u = 0; u < kBf16PairBlock; ++u) {
+        const int64_t l = c * kBf16PairBlock + u;
+        const float a = l < L ? Q[2 * p * ldq + l] : 0.0f;
+        const float b = l < L && 2 * p + 1 < r ? Q[(2 * p + 1) * ldq + l] : 0.0f;
+        Qp[(c * rp + p) * kBf16PairBlock + u] = bf16_pair(a, b);
+      }
+}
 
 inline int64_t merge_packed_size(const Kernels& k, int64_t r, int64_t L) {
   const int64_t bw = 3 * int64_t(k.lanes);

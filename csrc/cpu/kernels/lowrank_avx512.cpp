@@ -95,6 +95,125 @@ struct V {
 
 #include "lowrank_impl.h"
 
+// ---------------------------------------------------------------- bf16 merge on AVX512-BF16
+//
+// merge_blk's tiling (R rows x 3 vectors, the packed panel of a column tile kept in L1, the
+// next rows prefetched, every load of a block before its first store) with one vdpbf16ps per
+// pair of ranks instead of two FMAs. Reached only through kernels_avx512().merge_bf16, which is
+// set only when the CPU has AVX512-BF16.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16")
+
+// V::store_bf16 (nearest even, c10::BFloat16's bits) in one vcvtneps2bf16 where that gives the same
+// bits: every lane a normal number. It flushes subnormals to zero and keeps NaN payloads, so a
+// vector with a zero, subnormal, infinite or NaN lane takes V::store_bf16.
+inline void store_bf16_cvt(uint16_t* p, __m512 v) {
+  const __m512i e = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7F800000));
+  const __mmask16 special =
+      _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()) | _mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(0x7F800000));
+  if (__builtin_expect(special != 0, 0)) {
+    V::store_bf16(p, v);
+    return;
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+template <int R, bool FULL>
+inline void merge_bf16_blk(const uint32_t* zp, int64_t rp, const uint32_t* qp, int64_t n, float scale,
+                           const uint16_t* base, int64_t ldb, uint16_t* out, int64_t ldo, int64_t pf_rows) {
+  __m512 acc[R][3];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < 3; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < rp; ++p) {
+    __m512bh q[3];
+    for (int v = 0; v < 3; ++v) q[v] = (__m512bh)_mm512_loadu_si512(qp + p * 3 * W + v * W);
+    for (int i = 0; i < R; ++i) {
+      const __m512bh z = (__m512bh)_mm512_set1_epi32(static_cast<int>(zp[i * rp + p]));
+      for (int v = 0; v < 3; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], z, q[v]);
+    }
+  }
+  for (int64_t i = 0; i < pf_rows; ++i) {
+    const char* p0 = reinterpret_cast<const char*>(base + (R + i) * ldb);
+    const uintptr_t a0 = reinterpret_cast<uintptr_t>(p0) & ~uintptr_t(63);
+    const uintptr_t a1 = reinterpret_cast<uintptr_t>(p0) + uintptr_t(3 * W * 2 - 1);
+    for (uintptr_t a = a0; a <= a1; a += 64) __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
+  }
+  const reg s = V::set1(scale);
+  for (int i = 0; i < R; ++i) {
+    for (int v = 0; v < 3; ++v) {
+      const int64_t nv = FULL ? W : (n - v * W > W ? W : n - v * W);
+      if (!FULL && nv <= 0) break;
+      const reg b = FULL ? V::load_bf16(base + i * ldb + v * W) : load_n<DT::kBFloat16>(base + i * ldb + v * W, nv);
+      acc[i][v] = V::add(b, V::mul(s, acc[i][v]));
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int v = 0; v < 3; ++v) {
+      const int64_t nv = FULL ? W : (n - v * W > W ? W : n - v * W);
+      if (!FULL && nv <= 0) break;
+      if (FULL) {
+        store_bf16_cvt(out + i * ldo + v * W, acc[i][v]);
+      } else {
+        store_n<DT::kBFloat16>(out + i * ldo + v * W, acc[i][v], nv);
+      }
+    }
+  }
+}
+
+template <int R>
+inline void merge_bf16_rows(const uint32_t* zp, int64_t rp, const uint32_t* Qp, int64_t c0, int64_t c1, int64_t L,
+                            float scale, const uint16_t* base, int64_t ldb, uint16_t* out, int64_t ldo,
+                            int64_t pf_rows) {
+  constexpr int64_t BW = 3 * W;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t l = c * BW;
+    const uint32_t* qp = Qp + c * rp * BW;
+    if (l + BW <= L) {
+      merge_bf16_blk<R, true>(zp, rp, qp, BW, scale, base + l, ldb, out + l, ldo, pf_rows);
+    } else {
+      merge_bf16_blk<R, false>(zp, rp, qp, L - l, scale, base + l, ldb, out + l, ldo, 0);
+    }
+  }
+}
+
+void merge_bf16(const uint32_t* Zp, int64_t rows, int64_t rp, const uint32_t* Qp, int64_t L, float scale,
+                const uint16_t* base, int64_t ldb, uint16_t* out, int64_t ldo) {
+  static_assert(3 * W == lora_ext::cpu::kBf16PairBlock, "packed block = 3 vectors");
+  constexpr int64_t BW = 3 * W;
+  const int64_t nblk = (L + BW - 1) / BW;
+  int64_t tile = kMergePanel / (2 * rp * BW);  // column blocks per tile (a pair is two ranks)
+  if (tile < 1) tile = 1;
+  for (int64_t m0 = 0; m0 < rows; m0 += kMergeRows) {
+    const int64_t m1 = m0 + kMergeRows < rows ? m0 + kMergeRows : rows;
+    for (int64_t c0 = 0; c0 < nblk; c0 += tile) {
+      const int64_t c1 = c0 + tile < nblk ? c0 + tile : nblk;
+      for (int64_t m = m0; m < m1;) {
+        const uint32_t* z = Zp + m * rp;
+        const uint16_t* b = base + m * ldb;
+        uint16_t* o = out + m * ldo;
+        const int64_t left = m1 - m;
+        if (left >= 8) {
+          merge_bf16_rows<8>(z, rp, Qp, c0, c1, L, scale, b, ldb, o, ldo, left >= 16 ? 8 : left - 8);
+          m += 8;
+        } else if (left >= 4) {
+          merge_bf16_rows<4>(z, rp, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0);
+          m += 4;
+        } else if (left >= 2) {
+          merge_bf16_rows<2>(z, rp, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0);
+          m += 2;
+        } else {
+          merge_bf16_rows<1>(z, rp, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0);
+          m += 1;
+        }
+      }
+    }
+  }
+}
+
+#pragma GCC pop_options
+
+bool cpu_has_avx512bf16() { return __builtin_cpu_supports("avx512bf16"); }
+
 }  // namespace
 
 #pragma GCC diagnostic pop
@@ -104,7 +223,8 @@ namespace lora_ext {
 namespace cpu {
 
 const Kernels& kernels_avx512() {
-  static const Kernels k{"avx512", 16, &stage, &shrink, &expand, &outer, &colsum, &merge_pack, &merge};
+  static const Kernels k{"avx512", 16,      &stage,      &shrink, &expand,
+                         &outer,   &colsum, &merge_pack, &merge,  cpu_has_avx512bf16() ? &merge_bf16 : nullptr};
   return k;
 }
 
