@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_ext
-from lora_ext.nn import layers as lora_layers
 
 
 def _linear(k=24, n=20, bias=True, dtype=torch.float32, seed=0):
@@ -61,17 +60,19 @@ def test_fresh_adapter_is_identity_and_scale():
 def test_single_adapter_uses_one_fused_call(monkeypatch):
     layer = lora_ext.LoraLinear(_linear(), "default", r=4, lora_alpha=8, init_lora_weights=False)
     calls = []
-    real = lora_ext.ops.lora_linear
+    real = torch.ops.lora_ext.lora_linear
 
     def spy(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lora_layers.ops, "lora_linear", spy)
-    layer(torch.randn(2, 24))
-    assert len(calls) == 1
-    # the bias goes into the fused call (not added afterwards)
-    assert calls[0][5] is layer.base_layer.bias
+    monkeypatch.setattr(torch.ops.lora_ext, "lora_linear", spy)
+    for x in (torch.randn(2, 24), torch.randn(3, 2, 24)):  # the direct call and the one behind the reshape
+        calls.clear()
+        layer(x)
+        assert len(calls) == 1
+        # the bias goes into the fused call (not added afterwards)
+        assert calls[0][2] is layer.base_layer.bias
 
 
 def test_dropout_only_in_training():

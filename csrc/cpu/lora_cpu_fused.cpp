@@ -209,8 +209,13 @@ void lowrank_backward(const Kernels& kr, const BackwardPass& a) {
   const int64_t step = step_rows(std::max(K, N));
   const int64_t nsteps = (M + step - 1) / step;
   const int64_t nblk = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nsteps));
-  std::vector<float> pa(a.need_a ? nblk * r * K : 0, 0.0f), pb(a.need_b ? nblk * r * N : 0, 0.0f);
-  std::vector<float> pbias(a.need_bias ? nblk * N : 0, 0.0f);
+  // per-block partial sums, reduced below in block order; one block adds to the accumulators directly
+  const bool direct = nblk == 1;
+  std::vector<float> pa(a.need_a && !direct ? nblk * r * K : 0, 0.0f), pb(a.need_b && !direct ? nblk * r * N : 0, 0.0f);
+  std::vector<float> pbias(a.need_bias && !direct ? nblk * N : 0, 0.0f);
+  float* const part_a = direct ? a.acc_a : pa.data();
+  float* const part_b = direct ? a.acc_bt : pb.data();
+  float* const part_bias = direct ? a.acc_bias : pbias.data();
   const int64_t dx_osz = cpu::dt_size(a.dx_dt);
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> xbuf(want_x && !x_direct ? step * K : 0), gbuf(g_direct ? 0 : step * N);
@@ -232,11 +237,11 @@ void lowrank_backward(const Kernels& kr, const BackwardPass& a) {
         }
         if (a.need_b) {
           kr.shrink(X, ldx, mc, K, a.A, K, r, xa.data(), r);
-          kr.outer(xa.data(), r, G, ldg, mc, r, N, pb.data() + b * r * N, N);
+          kr.outer(xa.data(), r, G, ldg, mc, r, N, part_b + b * r * N, N);
         }
         if (want_gb) kr.shrink(G, ldg, mc, N, a.BT, N, r, gb.data(), r);
-        if (a.need_a) kr.outer(gb.data(), r, X, ldx, mc, r, K, pa.data() + b * r * K, K);
-        if (a.need_bias) kr.colsum(G, ldg, mc, N, pbias.data() + b * N);
+        if (a.need_a) kr.outer(gb.data(), r, X, ldx, mc, r, K, part_a + b * r * K, K);
+        if (a.need_bias) kr.colsum(G, ldg, mc, N, part_bias + b * N);
         if (a.dx_out) {
           kr.expand(gb.data(), r, mc, r, a.A, K, K, a.dx_scale, a.dx_base + m0 * a.dx_ldb, DT::kFloat32, a.dx_ldb,
                     static_cast<char*>(a.dx_out) + m0 * a.dx_ldo * dx_osz, a.dx_dt, a.dx_ldo, a.row0 + m0, a.drop);
@@ -250,9 +255,21 @@ void lowrank_backward(const Kernels& kr, const BackwardPass& a) {
       for (int64_t i = 0; i < n; ++i) acc[i] += p[i];
     }
   };
+  if (direct) return;
   if (a.need_a) reduce(a.acc_a, pa, r * K);
   if (a.need_b) reduce(a.acc_bt, pb, r * N);
   if (a.need_bias) reduce(a.acc_bias, pbias, N);
+}
+
+// B^T [r, N] of a contiguous fp32 B [N, r], into a plain buffer (no ATen op: at M = 1 the
+// dispatcher work of t().contiguous() costs more than the copy).
+std::vector<float> transposed(const Tensor& B32) {
+  const int64_t N = B32.size(0), r = B32.size(1);
+  const float* b = B32.data_ptr<float>();
+  std::vector<float> bt(static_cast<size_t>(N * r));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < r; ++j) bt[j * N + n] = b[n * r + j];
+  return bt;
 }
 
 View offset_rows(View v, int64_t m0) {
@@ -283,7 +300,7 @@ Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::o
   const float branch_scale = static_cast<float>(scale * drop.factor);
   const Tensor A32 = lora_A.to(at::kFloat).contiguous(), B32 = lora_B.to(at::kFloat).contiguous();
   const bool branch = !merge && !drop.branch_zero;
-  const Tensor BT32 = branch ? B32.t().contiguous() : Tensor();
+  const std::vector<float> BT32 = branch ? transposed(B32) : std::vector<float>();
 
   if (!lowp) {
     const Tensor W = merge ? merged_fp32(kr, weight, A32, B32, scale) : weight;
@@ -293,8 +310,8 @@ Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::o
       at::mm_out(y, x, W.t());
     }
     if (!branch) return y;
-    lowrank_forward(kr, view_of(x), M, K, 0, A32.data_ptr<float>(), r, BT32.data_ptr<float>(), N, branch_scale,
-                    drop.ptr(), y.data_ptr<float>(), N, y.data_ptr(), DT::kFloat32, N);
+    lowrank_forward(kr, view_of(x), M, K, 0, A32.data_ptr<float>(), r, BT32.data(), N, branch_scale, drop.ptr(),
+                    y.data_ptr<float>(), N, y.data_ptr(), DT::kFloat32, N);
     return y;
   }
 
@@ -315,8 +332,8 @@ Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::o
       continue;
     }
     out = out.contiguous();
-    lowrank_forward(kr, offset_rows(xv, m0), mc, K, m0, A32.data_ptr<float>(), r, BT32.data_ptr<float>(), N,
-                    branch_scale, drop.ptr(), out.data_ptr<float>(), N, y_c.data_ptr(), odt, N);
+    lowrank_forward(kr, offset_rows(xv, m0), mc, K, m0, A32.data_ptr<float>(), r, BT32.data(), N, branch_scale,
+                    drop.ptr(), out.data_ptr<float>(), N, y_c.data_ptr(), odt, N);
   }
   return y;
 }
@@ -337,14 +354,15 @@ GradTuple lora_linear_backward_cpu_fused(const Tensor& grad_out, const Tensor& x
       resolve_strategy(c10::DeviceType::CPU, M, N, K, x.element_size(), dropout_p, strategy).merge_backward;
   const bool lora_x_term = need_x && branch && !merge_dx;
   const Tensor A32 = lora_A.to(at::kFloat).contiguous(), B32 = lora_B.to(at::kFloat).contiguous();
-  const Tensor BT32 = B32.t().contiguous();
+  const std::vector<float> BT32 = transposed(B32);
   const auto f32 = x.options().dtype(at::kFloat);
 
   auto empty = [&] { return at::empty({0}, x.options()); };
   Tensor grad_x = need_x ? at::empty({M, K}, x.options()) : empty();
   Tensor grad_w = empty(), grad_bias = empty();
-  Tensor acc_a = need_a ? at::zeros({r, K}, f32) : Tensor();
-  Tensor acc_bt = need_b ? at::zeros({r, N}, f32) : Tensor();
+  // fp32 accumulators of dA [r, K] and dB^T [r, N] (plain buffers), of dbias [N]
+  std::vector<float> acc_a(need_a ? static_cast<size_t>(r * K) : 0, 0.0f);
+  std::vector<float> acc_bt(need_b ? static_cast<size_t>(r * N) : 0, 0.0f);
   Tensor acc_bias = need_bias ? at::zeros({N}, f32) : Tensor();
 
   Tensor W_dx;
@@ -354,11 +372,11 @@ GradTuple lora_linear_backward_cpu_fused(const Tensor& grad_out, const Tensor& x
 
   BackwardPass pass;
   pass.K = K, pass.N = N, pass.r = r;
-  pass.A = A32.data_ptr<float>(), pass.BT = BT32.data_ptr<float>();
+  pass.A = A32.data_ptr<float>(), pass.BT = BT32.data();
   pass.drop = drop.ptr();
   pass.need_a = need_a && branch, pass.need_b = need_b && branch, pass.need_bias = need_bias;
-  pass.acc_a = need_a ? acc_a.data_ptr<float>() : nullptr;
-  pass.acc_bt = need_b ? acc_bt.data_ptr<float>() : nullptr;
+  pass.acc_a = need_a ? acc_a.data() : nullptr;
+  pass.acc_bt = need_b ? acc_bt.data() : nullptr;
   pass.acc_bias = need_bias ? acc_bias.data_ptr<float>() : nullptr;
   pass.dx_scale = branch_scale;
 
@@ -400,8 +418,21 @@ GradTuple lora_linear_backward_cpu_fused(const Tensor& grad_out, const Tensor& x
     lowrank_backward(kr, pass);
   }
 
-  const Tensor grad_a = need_a ? acc_a.mul_(branch_scale).to(lora_A.scalar_type()) : empty();
-  const Tensor grad_b = need_b ? acc_bt.t().mul(branch_scale).to(lora_B.scalar_type()).contiguous() : empty();
+  // dA = s acc_a, dB = s acc_bt^T: scaled (and transposed) in fp32 here, rounded once by .to()
+  Tensor grad_a = empty(), grad_b = empty();
+  if (need_a) {
+    grad_a = at::empty({r, K}, f32);
+    float* ga = grad_a.data_ptr<float>();
+    for (int64_t i = 0; i < r * K; ++i) ga[i] = acc_a[i] * branch_scale;
+    grad_a = grad_a.to(lora_A.scalar_type());
+  }
+  if (need_b) {
+    grad_b = at::empty({N, r}, f32);
+    float* gb = grad_b.data_ptr<float>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < r; ++j) gb[n * r + j] = acc_bt[j * N + n] * branch_scale;
+    grad_b = grad_b.to(lora_B.scalar_type());
+  }
   if (need_bias) grad_bias = acc_bias.to(x.scalar_type());
   return {grad_x, grad_w, grad_bias, grad_a, grad_b};
 }

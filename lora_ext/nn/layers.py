@@ -40,6 +40,14 @@ __all__ = ["LoraEmbedding", "LoraLayer", "LoraLinear", "LoraLinearNF4", "Modules
 # ------------------------------------------------------------------ functional core
 
 
+def _any_autocast() -> bool:
+    """Whether autocast is on for any device type (one cheap call where torch has it)."""
+    probe = getattr(torch._C, "_is_any_autocast_enabled", None)
+    if probe is not None:
+        return probe()
+    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+
+
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
@@ -484,6 +492,10 @@ class LoraLinear(LoraLayer):
     supports_mixed_batch = True
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if type(self) is LoraLinear and not (args or kwargs):
+            y = self._forward_one_adapter(x)
+            if y is not None:
+                return y
         self._check_input(x)
         if self._mixed_adapter_names is not None:
             return mixed.linear_forward(self, x, self._mixed_adapter_names, *args, **kwargs)
@@ -505,6 +517,45 @@ class LoraLinear(LoraLayer):
         if base_layer_is_hooked(base):
             return add_lora_unfused(base(x), x, adapters)
         return self._fused_forward(x, adapters)
+
+    def _forward_one_adapter(self, x: Tensor) -> Tensor | None:
+        """The common call with the least Python per call, or None when it does not apply.
+
+        Applies to one active adapter, nothing merged, disabled or mixed, an ``nn.Linear`` base
+        without hooks, x ``[..., in_features]`` in the dtype of the weight and of both factors, a
+        float scale, no autocast and no torch.compile tracing: then x, the weights and the adapter
+        are what :func:`lora_linear_multi` would pass, so the op (which validates in C++ with the
+        messages of lora_ext/ops/checks.py) is called directly. Everything else, errors included,
+        takes the general path. The dropout seed is drawn as :func:`lora_ext.lora_linear` draws it.
+        """
+        active = self._active_adapters
+        if (
+            len(active) != 1
+            or self._disable_adapters
+            or self.merged_adapters
+            or self._mixed_adapter_names is not None
+            or _any_autocast()
+            or torch.compiler.is_compiling()
+            or not isinstance(x, Tensor)
+            or x.dim() == 0
+        ):
+            return None
+        name = active[0]
+        scale = self.scaling.get(name)
+        base = self.base_layer
+        if type(scale) is not float or base._forward_hooks or base._forward_pre_hooks or "forward" in vars(base):
+            return None
+        w = base.weight
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        k = x.shape[-1]
+        if x.dtype != w.dtype or a.dtype != w.dtype or b.dtype != w.dtype or k != w.shape[1]:
+            return None
+        p = self.lora_dropout_p[name] if self.training else 0.0
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device) if p > 0.0 else None
+        if x.dim() == 2:
+            return torch.ops.lora_ext.lora_linear(x, w, base.bias, a, b, scale, p, seed, 0)
+        y = torch.ops.lora_ext.lora_linear(x.reshape(-1, k), w, base.bias, a, b, scale, p, seed, 0)
+        return y.view(*x.shape[:-1], w.shape[0])
 
     def _check_input(self, x: Tensor) -> None:
         """The same TypeError on every path (fused, merged, disabled, hooked base) for a wrong input dtype (hook)."""
