@@ -151,6 +151,15 @@ Tensor merged_fp32(const Kernels& kr, const Tensor& weight, const Tensor& A32, c
   return out;
 }
 
+// Q [r, L] packed for kr.merge when `rows` rows will be expanded against it (empty: expand from Q).
+std::vector<float> pack_for_expand(const Kernels& kr, const float* Q, int64_t r, int64_t L, int64_t rows) {
+  constexpr int64_t kPackMinRows = 16;  // below this, packing costs more than the aliasing
+  if (rows < kPackMinRows) return {};
+  std::vector<float> packed(static_cast<size_t>(cpu::merge_packed_size(kr, r, L)));
+  kr.merge_pack(Q, L, r, L, packed.data());
+  return packed;
+}
+
 // y[m, :] = base[m, :] + scale * (drop(x[m, :]) A^T) B^T for m < M (x rows row0 + m of the
 // logical input, for the dropout mask); BT = B^T [r, N] fp32 contiguous, A [r, K].
 void lowrank_forward(const Kernels& kr, const View& x, int64_t M, int64_t K, int64_t row0, const float* A, int64_t r,
@@ -160,6 +169,10 @@ void lowrank_forward(const Kernels& kr, const View& x, int64_t M, int64_t K, int
   const int64_t step = step_rows(K);
   const int64_t nsteps = (M + step - 1) / step;
   const int64_t osz = cpu::dt_size(odt);
+  // B^T packed once by column blocks for the merge kernel (the expand's arithmetic and bits on a
+  // factor whose r x tile slice is contiguous: unpacked, its rows sit N floats apart, at N = 1024
+  // all in one L1 set); a call of a few rows expands from B^T directly.
+  const std::vector<float> packed = pack_for_expand(kr, BT, r, N, M);
   at::parallel_for(0, nsteps, 1, [&](int64_t s0, int64_t s1) {
     std::vector<float> xbuf(direct ? 0 : step * K), xa(step * r);
     for (int64_t s = s0; s < s1; ++s) {
@@ -171,8 +184,13 @@ void lowrank_forward(const Kernels& kr, const View& x, int64_t M, int64_t K, int
         X = xbuf.data(), ldx = K;
       }
       kr.shrink(X, ldx, mc, K, A, K, r, xa.data(), r);
-      kr.expand(xa.data(), r, mc, r, BT, N, N, scale, base + m0 * ldb, DT::kFloat32, ldb,
-                static_cast<char*>(out) + m0 * ldo * osz, odt, ldo, 0, nullptr);
+      if (!packed.empty()) {
+        kr.merge(xa.data(), r, mc, r, packed.data(), N, scale, base + m0 * ldb, DT::kFloat32, ldb,
+                 static_cast<char*>(out) + m0 * ldo * osz, odt, ldo);
+      } else {
+        kr.expand(xa.data(), r, mc, r, BT, N, N, scale, base + m0 * ldb, DT::kFloat32, ldb,
+                  static_cast<char*>(out) + m0 * ldo * osz, odt, ldo, 0, nullptr);
+      }
     }
   });
 }
@@ -217,6 +235,9 @@ void lowrank_backward(const Kernels& kr, const BackwardPass& a) {
   float* const part_b = direct ? a.acc_bt : pb.data();
   float* const part_bias = direct ? a.acc_bias : pbias.data();
   const int64_t dx_osz = cpu::dt_size(a.dx_dt);
+  // the dx term without a mask through the merge kernel on A packed once (see lowrank_forward)
+  const std::vector<float> packed_a =
+      a.dx_out != nullptr && a.drop == nullptr ? pack_for_expand(kr, a.A, r, K, M) : std::vector<float>();
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> xbuf(want_x && !x_direct ? step * K : 0), gbuf(g_direct ? 0 : step * N);
     std::vector<float> xa(a.need_b ? step * r : 0), gb(want_gb ? step * r : 0);
@@ -242,7 +263,10 @@ void lowrank_backward(const Kernels& kr, const BackwardPass& a) {
         if (want_gb) kr.shrink(G, ldg, mc, N, a.BT, N, r, gb.data(), r);
         if (a.need_a) kr.outer(gb.data(), r, X, ldx, mc, r, K, part_a + b * r * K, K);
         if (a.need_bias) kr.colsum(G, ldg, mc, N, part_bias + b * N);
-        if (a.dx_out) {
+        if (a.dx_out && !packed_a.empty()) {
+          kr.merge(gb.data(), r, mc, r, packed_a.data(), K, a.dx_scale, a.dx_base + m0 * a.dx_ldb, DT::kFloat32,
+                   a.dx_ldb, static_cast<char*>(a.dx_out) + m0 * a.dx_ldo * dx_osz, a.dx_dt, a.dx_ldo);
+        } else if (a.dx_out) {
           kr.expand(gb.data(), r, mc, r, a.A, K, K, a.dx_scale, a.dx_base + m0 * a.dx_ldb, DT::kFloat32, a.dx_ldb,
                     static_cast<char*>(a.dx_out) + m0 * a.dx_ldo * dx_osz, a.dx_dt, a.dx_ldo, a.row0 + m0, a.drop);
         }
