@@ -151,6 +151,20 @@ Tensor merged_fp32(const Kernels& kr, const Tensor& weight, const Tensor& A32, c
   return out;
 }
 
+// Z [rows, r] = X P^T (P [r, K]) through shrink_t on PT = P^T [K, r] when given and r suits it
+// (r a multiple of the vector width: no horizontal sums), else through shrink on P.
+inline void shrink_any(const Kernels& kr, const float* X, int64_t ldx, int64_t rows, int64_t K, const float* P,
+                       const float* PT, int64_t r, float* Z) {
+  if (PT != nullptr && kr.shrink_t(X, ldx, rows, K, PT, r, Z, r)) return;
+  kr.shrink(X, ldx, rows, K, P, K, r, Z, r);
+}
+
+// Whether shrink_t takes rank r (then the callers build P^T).
+inline bool wants_shrink_t(const Kernels& kr, int64_t r) {
+  const int64_t nv = r / kr.lanes;
+  return r % kr.lanes == 0 && (nv <= 4 || nv == 6 || nv == 8);
+}
+
 // Q [r, L] packed for kr.merge when `rows` rows will be expanded against it (empty: expand from Q).
 std::vector<float> pack_for_expand(const Kernels& kr, const float* Q, int64_t r, int64_t L, int64_t rows) {
   constexpr int64_t kPackMinRows = 16;  // below this, packing costs more than the aliasing
@@ -162,9 +176,9 @@ std::vector<float> pack_for_expand(const Kernels& kr, const float* Q, int64_t r,
 
 // y[m, :] = base[m, :] + scale * (drop(x[m, :]) A^T) B^T for m < M (x rows row0 + m of the
 // logical input, for the dropout mask); BT = B^T [r, N] fp32 contiguous, A [r, K].
-void lowrank_forward(const Kernels& kr, const View& x, int64_t M, int64_t K, int64_t row0, const float* A, int64_t r,
-                     const float* BT, int64_t N, float scale, const Drop* drop, const float* base, int64_t ldb,
-                     void* out, DT odt, int64_t ldo) {
+void lowrank_forward(const Kernels& kr, const View& x, int64_t M, int64_t K, int64_t row0, const float* A,
+                     const float* AT, int64_t r, const float* BT, int64_t N, float scale, const Drop* drop,
+                     const float* base, int64_t ldb, void* out, DT odt, int64_t ldo) {
   const bool direct = x.dt == DT::kFloat32 && x.cs == 1 && drop == nullptr;
   const int64_t step = step_rows(K);
   const int64_t nsteps = (M + step - 1) / step;
@@ -183,7 +197,7 @@ void lowrank_forward(const Kernels& kr, const View& x, int64_t M, int64_t K, int
         kr.stage(x.row(m0), x.dt, x.rs, x.cs, mc, K, xbuf.data(), K, row0 + m0, drop);
         X = xbuf.data(), ldx = K;
       }
-      kr.shrink(X, ldx, mc, K, A, K, r, xa.data(), r);
+      shrink_any(kr, X, ldx, mc, K, A, AT, r, xa.data());
       if (!packed.empty()) {
         kr.merge(xa.data(), r, mc, r, packed.data(), N, scale, base + m0 * ldb, DT::kFloat32, ldb,
                  static_cast<char*>(out) + m0 * ldo * osz, odt, ldo);
@@ -199,6 +213,8 @@ struct BackwardPass {
   View g, x;
   int64_t M = 0, K = 0, N = 0, r = 0, row0 = 0;
   const float* A = nullptr;   // [r, K]
+  const float* AT = nullptr;  // A^T [K, r] or nullptr (shrink_t)
+  const float* B = nullptr;   // [N, r] = (B^T)^T, used with AT (shrink_t)
   const float* BT = nullptr;  // [r, N]
   const Drop* drop = nullptr;
   bool need_a = false, need_b = false, need_bias = false;
@@ -257,10 +273,10 @@ void lowrank_backward(const Kernels& kr, const BackwardPass& a) {
           X = xbuf.data(), ldx = K;
         }
         if (a.need_b) {
-          kr.shrink(X, ldx, mc, K, a.A, K, r, xa.data(), r);
+          shrink_any(kr, X, ldx, mc, K, a.A, a.AT, r, xa.data());
           kr.outer(xa.data(), r, G, ldg, mc, r, N, part_b + b * r * N, N);
         }
-        if (want_gb) kr.shrink(G, ldg, mc, N, a.BT, N, r, gb.data(), r);
+        if (want_gb) shrink_any(kr, G, ldg, mc, N, a.BT, a.AT != nullptr ? a.B : nullptr, r, gb.data());
         if (a.need_a) kr.outer(gb.data(), r, X, ldx, mc, r, K, part_a + b * r * K, K);
         if (a.need_bias) kr.colsum(G, ldg, mc, N, part_bias + b * N);
         if (a.dx_out && !packed_a.empty()) {
@@ -287,7 +303,7 @@ void lowrank_backward(const Kernels& kr, const BackwardPass& a) {
 
 // B^T [r, N] of a contiguous fp32 B [N, r], into a plain buffer (no ATen op: at M = 1 the
 // dispatcher work of t().contiguous() costs more than the copy).
-std::vector<float> transposed(const Tensor& B32) {
+std::vector<float> transposed(const Tensor& B32) {  // any contiguous fp32 [N, r]: gives [r, N]
   const int64_t N = B32.size(0), r = B32.size(1);
   const float* b = B32.data_ptr<float>();
   std::vector<float> bt(static_cast<size_t>(N * r));
@@ -325,6 +341,8 @@ Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::o
   const Tensor A32 = lora_A.to(at::kFloat).contiguous(), B32 = lora_B.to(at::kFloat).contiguous();
   const bool branch = !merge && !drop.branch_zero;
   const std::vector<float> BT32 = branch ? transposed(B32) : std::vector<float>();
+  const std::vector<float> AT32 = branch && wants_shrink_t(kr, r) ? transposed(A32) : std::vector<float>();
+  const float* at_ptr = AT32.empty() ? nullptr : AT32.data();
 
   if (!lowp) {
     const Tensor W = merge ? merged_fp32(kr, weight, A32, B32, scale) : weight;
@@ -334,7 +352,7 @@ Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::o
       at::mm_out(y, x, W.t());
     }
     if (!branch) return y;
-    lowrank_forward(kr, view_of(x), M, K, 0, A32.data_ptr<float>(), r, BT32.data(), N, branch_scale, drop.ptr(),
+    lowrank_forward(kr, view_of(x), M, K, 0, A32.data_ptr<float>(), at_ptr, r, BT32.data(), N, branch_scale, drop.ptr(),
                     y.data_ptr<float>(), N, y.data_ptr(), DT::kFloat32, N);
     return y;
   }
@@ -356,7 +374,7 @@ Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::o
       continue;
     }
     out = out.contiguous();
-    lowrank_forward(kr, offset_rows(xv, m0), mc, K, m0, A32.data_ptr<float>(), r, BT32.data(), N, branch_scale,
+    lowrank_forward(kr, offset_rows(xv, m0), mc, K, m0, A32.data_ptr<float>(), at_ptr, r, BT32.data(), N, branch_scale,
                     drop.ptr(), out.data_ptr<float>(), N, y_c.data_ptr(), odt, N);
   }
   return y;
@@ -379,6 +397,7 @@ GradTuple lora_linear_backward_cpu_fused(const Tensor& grad_out, const Tensor& x
   const bool lora_x_term = need_x && branch && !merge_dx;
   const Tensor A32 = lora_A.to(at::kFloat).contiguous(), B32 = lora_B.to(at::kFloat).contiguous();
   const std::vector<float> BT32 = transposed(B32);
+  const std::vector<float> AT32 = wants_shrink_t(kr, r) ? transposed(A32) : std::vector<float>();
   const auto f32 = x.options().dtype(at::kFloat);
 
   auto empty = [&] { return at::empty({0}, x.options()); };
@@ -397,6 +416,7 @@ GradTuple lora_linear_backward_cpu_fused(const Tensor& grad_out, const Tensor& x
   BackwardPass pass;
   pass.K = K, pass.N = N, pass.r = r;
   pass.A = A32.data_ptr<float>(), pass.BT = BT32.data();
+  pass.AT = AT32.empty() ? nullptr : AT32.data(), pass.B = B32.data_ptr<float>();
   pass.drop = drop.ptr();
   pass.need_a = need_a && branch, pass.need_b = need_b && branch, pass.need_bias = need_bias;
   pass.acc_a = need_a ? acc_a.data() : nullptr;

@@ -54,6 +54,12 @@ struct Kernels {
                  float scale, const void* base, DT bdt, int64_t ldb, void* out, DT odt, int64_t ldo, int64_t row0,
                  const Drop* drop);
 
+  // The same Z with the factor transposed, PT = P^T [K, r] (row stride r), for r a multiple of
+  // `lanes` up to 8 vectors (1, 2, 3, 4, 6 or 8 of them); returns false (nothing written) for
+  // any other r. No horizontal sums: each Z[m, j] is one FMA chain over k = 0 .. K-1.
+  bool (*shrink_t)(const float* X, int64_t ldx, int64_t rows, int64_t K, const float* PT, int64_t r, float* Z,
+                   int64_t ldz);
+
   // acc[j, l] += sum_m Z[m, j] * X[m, l] for j < r, l < L, m < rows (dA += gb^T xd, dB^T += xa^T g).
   void (*outer)(const float* Z, int64_t ldz, const float* X, int64_t ldx, int64_t rows, int64_t r, int64_t L,
                 float* acc, int64_t lda);

@@ -103,7 +103,7 @@ namespace lora_ext {
 namespace cpu {
 
 const Kernels& kernels_avx2() {
-  static const Kernels k{"avx2", 8, &stage, &shrink, &expand, &outer, &colsum, &merge_pack, &merge, nullptr};
+  static const Kernels k{"avx2", 8, &stage, &shrink, &expand, &shrink_t, &outer, &colsum, &merge_pack, &merge, nullptr};
   return k;
 }
 

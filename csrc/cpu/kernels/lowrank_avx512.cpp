@@ -223,8 +223,17 @@ namespace lora_ext {
 namespace cpu {
 
 const Kernels& kernels_avx512() {
-  static const Kernels k{"avx512", 16,      &stage,      &shrink, &expand,
-                         &outer,   &colsum, &merge_pack, &merge,  cpu_has_avx512bf16() ? &merge_bf16 : nullptr};
+  static const Kernels k{"avx512",
+                         16,
+                         &stage,
+                         &shrink,
+                         &expand,
+                         &shrink_t,
+                         &outer,
+                         &colsum,
+                         &merge_pack,
+                         &merge,
+                         cpu_has_avx512bf16() ? &merge_bf16 : nullptr};
   return k;
 }
 

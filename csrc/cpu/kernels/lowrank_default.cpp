@@ -101,7 +101,8 @@ namespace lora_ext {
 namespace cpu {
 
 const Kernels& kernels_default() {
-  static const Kernels k{"default", 8, &stage, &shrink, &expand, &outer, &colsum, &merge_pack, &merge, nullptr};
+  static const Kernels k{"default", 8,       &stage,      &shrink, &expand, &shrink_t,
+                         &outer,    &colsum, &merge_pack, &merge,  nullptr};
   return k;
 }
 

@@ -194,6 +194,61 @@ void shrink(const float* X, int64_t ldx, int64_t rows, int64_t K, const float* P
   if (rows - m == 1) shrink_rows<1>(X + m * ldx, ldx, K, P, ldp, r, Z + m * ldz, ldz);
 }
 
+// ---------------------------------------------------------------- shrink_t: Z = X PT (PT = P^T [K, r])
+//
+// For r a multiple of W (r = NV vectors): each row's r outputs are NV vector accumulators, and
+// every k adds X[m, k] * PT[k, :] (one broadcast, NV loads shared by the R rows of the block).
+// No horizontal sums, X read once; each output is one FMA chain over k = 0 .. K-1.
+
+constexpr int kAccRegs = W >= 16 ? 24 : 12;  // accumulators a block may hold (32 / 16 vector registers)
+
+template <int R, int NV>
+inline void shrink_t_blk(const float* X, int64_t ldx, int64_t K, const float* PT, int64_t r, float* Z, int64_t ldz) {
+  reg acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    reg p[NV];
+    for (int v = 0; v < NV; ++v) p[v] = V::load(PT + k * r + v * W);
+    for (int i = 0; i < R; ++i) {
+      const reg xb = V::set1(X[i * ldx + k]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = V::fma(xb, p[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) V::store(Z + i * ldz + v * W, acc[i][v]);
+}
+
+template <int NV>
+void shrink_t_nv(const float* X, int64_t ldx, int64_t rows, int64_t K, const float* PT, int64_t r, float* Z,
+                 int64_t ldz) {
+  constexpr int RB = kAccRegs / NV > 8 ? 8 : (kAccRegs / NV < 1 ? 1 : kAccRegs / NV);
+  int64_t m = 0;
+  for (; m + RB <= rows; m += RB) shrink_t_blk<RB, NV>(X + m * ldx, ldx, K, PT, r, Z + m * ldz, ldz);
+  for (; m < rows; ++m) shrink_t_blk<1, NV>(X + m * ldx, ldx, K, PT, r, Z + m * ldz, ldz);
+}
+
+// Returns false (nothing done) unless r is 1 .. 8 vectors.
+bool shrink_t(const float* X, int64_t ldx, int64_t rows, int64_t K, const float* PT, int64_t r, float* Z, int64_t ldz) {
+  if (r % W != 0) return false;
+  switch (r / W) {
+    case 1:
+      return shrink_t_nv<1>(X, ldx, rows, K, PT, r, Z, ldz), true;
+    case 2:
+      return shrink_t_nv<2>(X, ldx, rows, K, PT, r, Z, ldz), true;
+    case 3:
+      return shrink_t_nv<3>(X, ldx, rows, K, PT, r, Z, ldz), true;
+    case 4:
+      return shrink_t_nv<4>(X, ldx, rows, K, PT, r, Z, ldz), true;
+    case 6:
+      return shrink_t_nv<6>(X, ldx, rows, K, PT, r, Z, ldz), true;
+    case 8:
+      return shrink_t_nv<8>(X, ldx, rows, K, PT, r, Z, ldz), true;
+    default:
+      return false;
+  }
+}
+
 // ---------------------------------------------------------------- expand: out = base + mask * s (Z Q)
 
 // R rows x LV vectors starting at column l; the last vector holds `nlast` valid columns.
