@@ -14,7 +14,7 @@
 // where hash32((lo0 + lane) ^ inner) >= threshold) and load_bits (W uint32 masks).
 //
 // Register blocking (AVX2 has 16 vector registers): shrink 3 rows x 4 ranks of
-// lane-wise partial sums, expand 4 rows x 3 vectors, outer 6 ranks x 2 vectors, so
+// lane-wise partial sums, expand 4 rows x 3 vectors, outer 6 ranks x 2 vectors (8 x 3 with AVX-512), so
 // each inner step does 12 FMAs on at most 8 loads. Every output element is summed
 // over the rank in the same order wherever it sits in a tile (the last, partial
 // vector uses zero-padded loads through the same code), so results do not depend
@@ -406,21 +406,33 @@ inline void outer_blk(const float* Z, int64_t ldz, const float* X, int64_t ldx, 
     for (int v = 0; v < LV; ++v) store_n<DT::kFloat32>(acc + j * lda + v * W, a[j][v], v == LV - 1 ? nlast : W);
 }
 
+// Block shape: 6 ranks x 2 vectors with 16 vector registers; 8 x 3 with 32 (AVX-512), so a
+// rank-16 update streams X twice instead of three times. Each accumulator element is one FMA
+// chain over m whatever the blocking, so the shape does not change the bits.
+constexpr int kOuterJ = W >= 16 ? 8 : 6;
+constexpr int kOuterLV = W >= 16 ? 3 : 2;
+
 template <int J>
 inline void outer_ranks(const float* Z, int64_t ldz, const float* X, int64_t ldx, int64_t rows, int64_t L, float* acc,
                         int64_t lda) {
   int64_t l = 0;
-  for (; l + 2 * W <= L; l += 2 * W) outer_blk<J, 2>(Z, ldz, X + l, ldx, rows, W, acc + l, lda);
+  for (; l + kOuterLV * W <= L; l += kOuterLV * W) outer_blk<J, kOuterLV>(Z, ldz, X + l, ldx, rows, W, acc + l, lda);
   for (; l < L; l += W) outer_blk<J, 1>(Z, ldz, X + l, ldx, rows, L - l, acc + l, lda);
 }
 
 void outer(const float* Z, int64_t ldz, const float* X, int64_t ldx, int64_t rows, int64_t r, int64_t L, float* acc,
            int64_t lda) {
   int64_t j = 0;
-  for (; j + 6 <= r; j += 6) outer_ranks<6>(Z + j, ldz, X, ldx, rows, L, acc + j * lda, lda);
+  for (; j + kOuterJ <= r; j += kOuterJ) outer_ranks<kOuterJ>(Z + j, ldz, X, ldx, rows, L, acc + j * lda, lda);
   const float* z = Z + j;
   float* a = acc + j * lda;
   switch (r - j) {
+    case 7:
+      outer_ranks<7>(z, ldz, X, ldx, rows, L, a, lda);
+      break;
+    case 6:
+      outer_ranks<6>(z, ldz, X, ldx, rows, L, a, lda);
+      break;
     case 5:
       outer_ranks<5>(z, ldz, X, ldx, rows, L, a, lda);
       break;
