@@ -396,8 +396,10 @@ GradTuple lora_linear_backward_cpu_fused(const Tensor& grad_out, const Tensor& x
       resolve_strategy(c10::DeviceType::CPU, M, N, K, x.element_size(), dropout_p, strategy).merge_backward;
   const bool lora_x_term = need_x && branch && !merge_dx;
   const Tensor A32 = lora_A.to(at::kFloat).contiguous(), B32 = lora_B.to(at::kFloat).contiguous();
-  const std::vector<float> BT32 = transposed(B32);
-  const std::vector<float> AT32 = wants_shrink_t(kr, r) ? transposed(A32) : std::vector<float>();
+  // g B from B itself through shrink_t (with x A^T on A^T), else from B^T through shrink: one of the two
+  const bool use_t = wants_shrink_t(kr, r);
+  const std::vector<float> AT32 = use_t ? transposed(A32) : std::vector<float>();
+  const std::vector<float> BT32 = use_t ? std::vector<float>() : transposed(B32);
   const auto f32 = x.options().dtype(at::kFloat);
 
   auto empty = [&] { return at::empty({0}, x.options()); };
@@ -415,7 +417,7 @@ GradTuple lora_linear_backward_cpu_fused(const Tensor& grad_out, const Tensor& x
 
   BackwardPass pass;
   pass.K = K, pass.N = N, pass.r = r;
-  pass.A = A32.data_ptr<float>(), pass.BT = BT32.data();
+  pass.A = A32.data_ptr<float>(), pass.BT = use_t ? nullptr : BT32.data();
   pass.AT = AT32.empty() ? nullptr : AT32.data(), pass.B = B32.data_ptr<float>();
   pass.drop = drop.ptr();
   pass.need_a = need_a && branch, pass.need_b = need_b && branch, pass.need_bias = need_bias;
