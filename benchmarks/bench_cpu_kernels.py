@@ -8,7 +8,12 @@ For each variant this CPU runs (plus ``aten``, the fused kernels off), in one pr
     K = N = 1024, r = 16, fp32, against the frozen base (F.linear forward + grad of x
     only) and a PEFT-style unfused layer (x W^T + s (x A^T) B^T with torch ops);
   * merge_ of a 4096 x 4096 W, r = 16 and 64, fp32 / bf16 / fp16, against the copy floor
-    (``dst.copy_(W)``, the same bytes) and ``W.addmm_(B, A)``.
+    (``dst.copy_(W)``, the same bytes) and ``W.addmm_(B, A)``;
+  * with ``--strategy``, instead: the cost model's crossover. The forward (no grad) and the
+    backward op (grads of x, A, B) with ``strategy`` forced to shrink_expand and to merge, at
+    M = 128 ... 8192 rows, K = N = 1024 and 4096 (r = 16, fp32), the active variant; the
+    report gives merge / shrink_expand per M, the measured crossover M (the smallest M from
+    which merge stays faster) and the one the byte model of csrc/host/strategy.h predicts.
 
 Timings are noisy on a shared machine, so every figure is a ratio to a baseline measured
 in the same round: contenders run interleaved (one call each, in turn), a round takes the
@@ -19,12 +24,16 @@ minimum of ``--calls`` calls per contender, and the report shows min / median ov
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 import warnings
 
 import torch
 import torch.nn.functional as F
+
+from .common import CPU_ISA_VARS, rerun_with_cpu_isa
 
 
 def _lora_ext():
@@ -124,13 +133,73 @@ def bench_merge(C, lora_ext, variants, N, K, r, dtype, repeats, calls):
     return rounds
 
 
+def _crossover(ms: list[int], ratio: dict) -> int | None:
+    """Smallest M from which merge stays faster (ratio merge / shrink_expand < 1), None if never."""
+    best = None
+    for m in reversed(ms):
+        if ratio[m] >= 1.0:
+            break
+        best = m
+    return best
+
+
+def bench_strategy(C, lora_ext, K, N, r, ms, repeats, calls):
+    """merge / shrink_expand per M for the forward and the backward op; crossovers measured and modelled."""
+    ops = torch.ops.lora_ext
+    torch.manual_seed(0)
+    s = 2.0
+    w = torch.randn(N, K) / K**0.5
+    a = torch.randn(r, K) / K**0.5
+    b = torch.randn(N, r) / r**0.5
+    mask = [True, False, False, True, True]
+    fwd_ratio, bwd_ratio = {}, {}
+    print(
+        f"\nstrategy crossover fp32 K={K} N={N} r={r}, variant {C.cpu_kernel()} (merge / shrink_expand, min / median)"
+    )
+    for M in ms:
+        x = torch.randn(M, K)
+        g = torch.randn(M, N)
+        contenders = {
+            "fwd shrink": lambda x=x: ops.lora_linear(x, w, None, a, b, s, 0.0, None, 1),
+            "fwd merge": lambda x=x: ops.lora_linear(x, w, None, a, b, s, 0.0, None, 2),
+            "bwd shrink": lambda x=x, g=g: ops.lora_linear_backward(g, x, w, a, b, s, 0.0, None, 1, mask),
+            "bwd merge": lambda x=x, g=g: ops.lora_linear_backward(g, x, w, a, b, s, 0.0, None, 2, mask),
+        }
+        rounds = [_round(contenders, calls) for _ in range(repeats)]
+        fr = [rd["fwd merge"] / rd["fwd shrink"] for rd in rounds]
+        br = [rd["bwd merge"] / rd["bwd shrink"] for rd in rounds]
+        fwd_ratio[M], bwd_ratio[M] = statistics.median(fr), statistics.median(br)
+        plan = lora_ext.strategy_plan(M, N, K, torch.float32)
+        print(
+            f"  M={M:<6} fwd {min(rd['fwd shrink'] for rd in rounds) * 1e3:8.2f} ms  x{min(fr):5.3f} / x{fwd_ratio[M]:5.3f}"
+            f"   bwd {min(rd['bwd shrink'] for rd in rounds) * 1e3:8.2f} ms  x{min(br):5.3f} / x{bwd_ratio[M]:5.3f}"
+            f"   model: fwd {plan['forward']}, bwd {plan['backward']}"
+        )
+    model_fwd = next((m for m in ms if lora_ext.strategy_plan(m, N, K, torch.float32)["forward"] == "merge"), None)
+    model_bwd = next((m for m in ms if lora_ext.strategy_plan(m, N, K, torch.float32)["backward"] == "merge"), None)
+    print(
+        f"  crossover (smallest M of the sweep from which merge stays faster): forward measured "
+        f"{_crossover(ms, fwd_ratio)}, model {model_fwd}; backward measured {_crossover(ms, bwd_ratio)}, model {model_bwd}"
+    )
+    return fwd_ratio, bwd_ratio
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--calls", type=int, default=3, help="calls per contender per round (the round keeps the min)")
     ap.add_argument("--variants", default="", help="comma list (default: every runnable variant, then aten)")
     ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    ap.add_argument("--strategy", action="store_true", help="the cost model's crossover sweep instead (active variant)")
+    ap.add_argument(
+        "--cpu-isa",
+        choices=("native", "avx2"),
+        default="native",
+        help="cap torch, MKL, oneDNN and the kernels' choice at this ISA (benchmarks/common.py: CPU_ISA_ENV)",
+    )
     args = ap.parse_args(argv)
+    if args.cpu_isa != "native":
+        rerun_with_cpu_isa(args.cpu_isa, "benchmarks.bench_cpu_kernels", list(sys.argv[1:] if argv is None else argv))
     lora_ext, C = _lora_ext()
     runnable = C.cpu_kernel_variants()
     variants = [v for v in (args.variants.split(",") if args.variants else ["avx512", "avx2", "default", "aten"]) if v]
@@ -140,10 +209,19 @@ def main(argv=None) -> None:
     print(
         f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
         f"threads {torch.get_num_threads()}, auto variant {before}"
+        + "".join(f", {k}={os.environ[k]}" for k in CPU_ISA_VARS if os.environ.get(k))
     )
     if skipped:
         print(f"variants this CPU cannot run (skipped): {', '.join(skipped)}")
     try:
+        if args.strategy:
+            if args.quick:
+                bench_strategy(C, lora_ext, 256, 256, 16, [64, 512], args.repeats, args.calls)
+                return
+            ms = [128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192]
+            for k in (1024, 4096):
+                bench_strategy(C, lora_ext, k, k, 16, ms if k == 1024 else ms[:-1], args.repeats, args.calls)
+            return
         if args.quick:
             bench_linear(C, lora_ext, variants, 512, 256, 256, 16, args.repeats, args.calls)
             bench_merge(C, lora_ext, variants, 512, 512, 16, torch.float32, args.repeats, args.calls)

@@ -370,6 +370,43 @@ def _nvidia_driver() -> str | None:
         return None
 
 
+# What caps the CPU instruction set of a run on a CPU that has more: ATen's kernels and the fused
+# lora_ext kernels follow ATEN_CPU_CAPABILITY (csrc/cpu/kernels/dispatch.cpp), MKL and oneDNN
+# (the GEMMs of every contender) have their own switches. LORA_EXT_CPU_KERNEL picks the fused
+# kernel variant alone.
+CPU_ISA_ENV = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+CPU_ISA_VARS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "LORA_EXT_CPU_KERNEL")
+
+
+def rerun_with_cpu_isa(isa: str, module: str, argv: list[str]) -> None:
+    """Re-execute ``python -m module argv`` with CPU_ISA_ENV[isa] set, unless it is set already.
+
+    The switches are read once, when torch, MKL and oneDNN first look at the CPU, so they must be
+    in the environment before the process starts; the new process replaces this one.
+    """
+    env = CPU_ISA_ENV[isa]
+    if all(os.environ.get(k) == v for k, v in env.items()):
+        return
+    os.environ.update(env)
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", module, *argv])
+
+
+def _cpu_isa_forced() -> str:
+    return " ".join(f"{k}={os.environ[k]}" for k in CPU_ISA_VARS if os.environ.get(k))
+
+
+def _cpu_kernel() -> str | None:
+    with contextlib.suppress(Exception):
+        from lora_ext.ops import _loader
+
+        if _loader._C is not None:
+            return _loader._C.cpu_kernel()
+    return None
+
+
 def metadata(s: Settings) -> dict[str, Any]:
     """The environment of this run: machine, CPU capability, GPU, versions, lora_ext build, commit, date.
 
@@ -384,6 +421,8 @@ def metadata(s: Settings) -> dict[str, Any]:
         "host": platform.node(),
         "cpu": _cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_isa_forced": _cpu_isa_forced(),
+        "lora_ext_cpu_kernel": _cpu_kernel(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,

@@ -93,8 +93,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="CUDA: comma list of LORA_EXT_CUDA_CHUNK_ROWS values timed at the goal shape (default: 512,2048,8192; "
         "quick: none)",
     )
+    p.add_argument(
+        "--cpu-isa",
+        choices=("native", *common.CPU_ISA_ENV),
+        default="native",
+        help="cap the CPU instruction set of torch, MKL, oneDNN and lora_ext's kernels (the run re-executes "
+        "itself with the switches of benchmarks/common.py: CPU_ISA_ENV); default: what the CPU has",
+    )
     p.add_argument("--out", default="bench_out")
     a = p.parse_args(argv)
+    if a.cpu_isa != "native":
+        common.rerun_with_cpu_isa(a.cpu_isa, "benchmarks.run", list(sys.argv[1:] if argv is None else argv))
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")

@@ -232,3 +232,44 @@ print("plots", plots, "warnings", sum("matplotlib" in str(w.message) for w in ca
         assert (tmp_path / name).stat().st_size > 0, name
     assert not list(tmp_path.glob("*.png"))
     assert "## merge_ / unmerge_" in (tmp_path / "report.md").read_text()
+
+
+def test_forced_avx2_run_records_what_forced_it(tmp_path):
+    """--cpu-isa avx2 re-executes the run with torch, MKL and oneDNN capped at AVX2 and the fused
+    kernels on their avx2 variant; every CSV row says so (what a BENCHMARKS.md AVX2 table from an
+    AVX-512 machine is made with)."""
+    if not lora_ext.extension_loaded():
+        pytest.skip("compiled library not loaded")
+    from lora_ext.ops import _loader
+
+    if not _loader._C.cpu_kernel_variants().get("avx2"):
+        pytest.skip("this CPU has no AVX2")
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--cpu-isa", "avx2", "--only", "merge"]
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "LORA_EXT_CPU_KERNEL")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
+    proc = subprocess.run(
+        [*cmd, "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _csv(tmp_path / "merge.csv")
+    assert rows
+    for r in rows:
+        assert r["cpu_capability"] == "AVX2" and r["lora_ext_cpu_kernel"] == "avx2", r
+        assert (
+            "ATEN_CPU_CAPABILITY=avx2" in r["cpu_isa_forced"] and "MKL_ENABLE_INSTRUCTIONS=AVX2" in r["cpu_isa_forced"]
+        )
+    assert "forced by ATEN_CPU_CAPABILITY=avx2" in (tmp_path / "report.md").read_text()
+
+
+def test_strategy_sweep_reports_measured_and_modelled_crossovers():
+    if not lora_ext.extension_loaded():
+        pytest.skip("compiled library not loaded")
+    cmd = [sys.executable, "-m", "benchmarks.bench_cpu_kernels", "--strategy", "--quick", "--repeats", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "strategy crossover fp32 K=256 N=256 r=16" in proc.stdout
+    assert "forward measured" in proc.stdout and "backward measured" in proc.stdout
+    from benchmarks.bench_cpu_kernels import _crossover
+
+    assert _crossover([1, 2, 4, 8], {1: 0.9, 2: 1.1, 4: 0.95, 8: 0.9}) == 4  # from which merge STAYS faster
+    assert _crossover([1, 2], {1: 1.2, 2: 1.01}) is None

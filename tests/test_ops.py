@@ -180,6 +180,20 @@ def test_strategy_plan_follows_cost_model():
     assert lora_ext.strategy_plan(8192, 4096, 4096, torch.bfloat16, device="cpu")["forward"] == "shrink_expand"
 
 
+def test_cpu_strategy_thresholds_are_the_measured_ones():
+    """The CPU crossovers of csrc/host/strategy.h (set from benchmarks.bench_cpu_kernels --strategy):
+    forward merges from M > K (K = N), the backward from M > 2.25 N; CUDA's backward keeps M > 1.5 N."""
+    if not lora_ext.extension_loaded():
+        pytest.skip("compiled library not loaded")
+
+    def plan(m, device="cpu"):
+        return lora_ext.strategy_plan(m, 1024, 1024, torch.float32, device=device)
+
+    assert plan(1024)["forward"] == "shrink_expand" and plan(1025)["forward"] == "merge"
+    assert plan(2304)["backward"] == "shrink_expand" and plan(2305)["backward"] == "merge"
+    assert plan(1536, "cuda")["backward"] == "shrink_expand" and plan(1537, "cuda")["backward"] == "merge"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_autocast_runs_in_the_autocast_dtype(dtype):
     inputs = make_inputs(17, 24, 12, 3, torch.float32)

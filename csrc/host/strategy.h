@@ -17,11 +17,20 @@
 //                   CUDA kernels round it to the weight dtype, which cuBLAS
 //                   needs for a tensor-core GEMM (weff_size = elem_size).
 //
-// Forward picks merge when 3*N*K*weff_size < (M*K + 2*M*N)*elem_size.
+// Forward picks merge when c_fwd*N*K*weff_size < (M*K + 2*M*N)*elem_size.
 // Backward (grad_x = g W + s * (g B) A): shrink/expand re-reads and re-writes
-// grad_x (2*M*K elements) while merge pays the same 3*N*K words, so it picks
-// merge when 3*N*K*weff_size < 2*M*K*elem_size. In both cases the low-rank
-// grads (grad_A, grad_B) are computed from one row-chunked pass over g and x.
+// grad_x (2*M*K elements) while merge pays about the same words of W_eff, so it
+// picks merge when c_bwd*N*K*weff_size < 2*M*K*elem_size. In both cases the
+// low-rank grads (grad_A, grad_B) are computed from one row-chunked pass over g and x.
+//
+// c_fwd = c_bwd = 3 is the byte count above. On the CPU the constants were set
+// from a sweep of both strategies (python -m benchmarks.bench_cpu_kernels --strategy,
+// BENCHMARKS.md, 2026-12-02, AVX-512 and forced AVX2, fp32, K = N = 1024 and 4096,
+// M = 128 .. 8192): the forward's measured crossover is where c_fwd = 3 puts it
+// (M = K at K = N, merge / shrink_expand 0.97 - 1.00 there), the backward's lies
+// later than 3 predicts (merge 0.4 - 1.0 % slower at M = 2 N, faster from 3 N on, on
+// both capabilities), so the CPU backward takes c_bwd = 4.5 (merge from M > 2.25 N).
+// CUDA keeps 3 for both: no GPU measurement yet.
 #pragma once
 
 #include <c10/core/DeviceType.h>
@@ -39,6 +48,10 @@ struct StrategyPlan {
   bool merge_backward = false;
 };
 
+// Words of W_eff the merge strategy is charged (see the comment at the top).
+inline double merge_words_forward(c10::DeviceType) { return 3.0; }
+inline double merge_words_backward(c10::DeviceType device) { return device == c10::DeviceType::CUDA ? 3.0 : 4.5; }
+
 // Bytes per element of the transient merged weight on `device`.
 inline int64_t weff_size(c10::DeviceType device, int64_t elem_size) {
   return device == c10::DeviceType::CUDA ? elem_size : 4;
@@ -52,11 +65,11 @@ inline StrategyPlan resolve_strategy(c10::DeviceType device, int64_t M, int64_t 
   StrategyPlan plan;
   if (dropout_p > 0.0 || requested == kShrinkExpand) return plan;
   if (requested == kMerge) return {true, true};
-  const double merge_bytes = 3.0 * double(N) * double(K) * double(weff_size(device, elem_size));
+  const double weff_bytes = double(N) * double(K) * double(weff_size(device, elem_size));
   const double fwd_shrink_bytes = (double(M) * double(K) + 2.0 * double(M) * double(N)) * double(elem_size);
   const double bwd_shrink_bytes = 2.0 * double(M) * double(K) * double(elem_size);
-  plan.merge_forward = merge_bytes < fwd_shrink_bytes;
-  plan.merge_backward = merge_bytes < bwd_shrink_bytes;
+  plan.merge_forward = merge_words_forward(device) * weff_bytes < fwd_shrink_bytes;
+  plan.merge_backward = merge_words_backward(device) * weff_bytes < bwd_shrink_bytes;
   return plan;
 }
 
