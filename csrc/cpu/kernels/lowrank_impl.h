@@ -484,6 +484,7 @@ void colsum(const float* X, int64_t ldx, int64_t rows, int64_t L, float* acc) {
 // written once; no temporary besides the packed Q.
 
 constexpr int64_t kMergeRows = 64;
+constexpr int kMergeBlockRows = W >= 16 ? 8 : 4;
 constexpr int64_t kMergePanel = 4096;  // fp32 elements of packed Q per column tile
 
 template <int R, bool FULL, DT BD, DT OD>
@@ -562,25 +563,27 @@ void merge_t(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* 
     const int64_t m1 = m0 + kMergeRows < rows ? m0 + kMergeRows : rows;
     for (int64_t c0 = 0; c0 < nblk; c0 += tile) {
       const int64_t c1 = c0 + tile < nblk ? c0 + tile : nblk;
-      for (int64_t m = m0; m < m1; m += 4) {
+      for (int64_t m = m0; m < m1;) {
         const float* z = Z + m * ldz;
         const auto* b = base + m * ldb;
         auto* o = out + m * ldo;
         const int64_t left = m1 - m;
-        const int64_t pf = left >= 8 ? 4 : (left > 4 ? left - 4 : 0);
-        switch (left >= 4 ? 4 : left) {
-          case 4:
-            merge_rows<4, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, pf);
-            break;
-          case 3:
-            merge_rows<3, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0);
-            break;
-          case 2:
-            merge_rows<2, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0);
-            break;
-          default:
-            merge_rows<1, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0);
-            break;
+        // kMergeBlockRows rows x 3 vectors of accumulators (8 with AVX-512's 32 registers, 4 with
+        // 16), prefetching as many rows ahead; fewer rows at the end of the row block
+        constexpr int64_t RB = kMergeBlockRows;
+        if (left >= RB) {
+          merge_rows<RB, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo,
+                                 left >= 2 * RB ? RB : left - RB);
+          m += RB;
+        } else if (RB > 4 && left >= 4) {
+          merge_rows<4, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0);
+          m += 4;
+        } else if (left >= 2) {
+          merge_rows<2, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0);
+          m += 2;
+        } else {
+          merge_rows<1, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0);
+          m += 1;
         }
       }
     }
