@@ -81,6 +81,13 @@ pybind11::dict cpu_kernel_variants() {
   return out;
 }
 
+pybind11::dict cpu_amx() {
+  pybind11::dict out;
+  out["available"] = lora_ext::cpu::cpu_has_amx();
+  out["enabled"] = lora_ext::cpu::amx_enabled();
+  return out;
+}
+
 // How many distinct threads one at::parallel_for of this library runs its body on: ATen's thread
 // count when the library was compiled with OpenMP (ATen/ParallelOpenMP.h), 1 when it was not (then
 // every parallel_for of the CPU kernels is a serial loop).
@@ -109,6 +116,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "name or one this CPU cannot run. Returns the variant now active.",
         pybind11::arg("name"));
   m.def("cpu_kernel_variants", &cpu_kernel_variants, "Which CPU kernel variants this CPU can run.");
+  m.def("cpu_amx", &cpu_amx,
+        "AMX for the bf16 merge: {'available': CPU and OS allow it, 'enabled': in use (LORA_EXT_CPU_AMX=0 turns it "
+        "off at start)}.");
+  m.def("set_cpu_amx", &lora_ext::cpu::set_amx,
+        "Use AMX for the bf16 merge (True) or not (False); True raises ValueError where it is not available.",
+        pybind11::arg("on"));
   m.def("parallel_threads_used", &parallel_threads_used,
         "Distinct threads one at::parallel_for of this library runs on (torch.get_num_threads() when it was "
         "compiled with OpenMP, else 1).");

@@ -250,15 +250,17 @@ def test_bf16_merge_same_bits_on_every_variant(shape):
         a[:, 0] = 1.0
         b[3, :] = 0.0
         b[3, :4] = torch.tensor([1.0, 0.0, 1.5 * 2.0**-24, -1.0])
-    before = C.cpu_kernel()
+    before, amx = C.cpu_kernel(), C.cpu_amx()["enabled"]
     outs = {}
     try:
+        C.set_cpu_amx(False)  # AMX sums otherwise (test_bf16_merge_on_amx_rounds_once)
         for name in VARIANTS:
             if C.cpu_kernel_variants()[name]:
                 C.set_cpu_kernel(name)
                 outs[name] = lora_ext.merged_weight(w, a, b, 0.625).view(torch.int16)
     finally:
         C.set_cpu_kernel(before)
+        C.set_cpu_amx(amx)
     assert len(outs) >= 1
     for name, out in outs.items():
         assert torch.equal(out, outs["default"]), name
@@ -286,3 +288,84 @@ def test_variant_agrees_with_aten_path(variant, dtype):
     names = ["y", "grad_x", "grad_w", "grad_a", "grad_b", "grad_bias"]
     for name, o, t, r in zip(names, [ours[0], *ours[1]], [theirs[0], *theirs[1]], [ref[0], *ref[1]]):
         assert_rule(name, o, r, t, dtype)
+
+
+def _bf16_ulps(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Distance in bf16 steps between finite bf16 tensors of one sign pattern (int16 bit patterns)."""
+    return (x.view(torch.int16).to(torch.int32) - y.view(torch.int16).to(torch.int32)).abs()
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(67, 129, 5), (130, 97, 16), (9, 50, 1), (33, 100, 40), (20, 48, 128), (512, 1024, 16)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_bf16_merge_on_amx_rounds_once(shape):
+    """The AMX bf16 merge (tdpbf16ps tiles; shapes that miss the 16 x 16 tiles, r past one 32-rank
+    tile, r = 1 and 128): W + fl(s * sum) rounded once like the other kernels, where AMX's sum carries
+    more than fp32 precision: every element within one bf16 step of the FMA kernels' result and of the
+    float64 merge rounded to bf16, the specials of W (zeros, subnormals, +-inf, NaN) kept exactly,
+    and W + s * 0 rows unchanged."""
+    C = _C()
+    if not C.cpu_amx()["available"]:
+        with pytest.raises(ValueError, match="AMX"):
+            C.set_cpu_amx(True)
+        pytest.skip("no AMX on this CPU / OS")
+    n, k, r = shape
+    _, w, a, b, _ = make_inputs(1, k, n, r, torch.bfloat16, bias=False)
+    w[0, :7] = torch.tensor([0.0, -0.0, 1e-39, -3e-40, float("inf"), -float("inf"), float("nan")])
+    b[2, :] = 0.0
+    before, amx = C.cpu_kernel(), C.cpu_amx()["enabled"]
+    try:
+        C.set_cpu_kernel("avx512")
+        C.set_cpu_amx(True)
+        w_amx = w.clone()
+        lora_ext.merge_(w_amx, a, b, 0.625)
+        C.set_cpu_amx(False)
+        w_fma = w.clone()
+        lora_ext.merge_(w_fma, a, b, 0.625)
+    finally:
+        C.set_cpu_kernel(before)
+        C.set_cpu_amx(amx)
+    ref = (w.double() + 0.625 * b.double() @ a.double()).to(torch.bfloat16)
+    special = ~torch.isfinite(w) | (w == 0) | (w.abs() < 1.2e-38)
+    assert torch.equal(
+        w_amx[0, :7].view(torch.int16)[~torch.isnan(w[0, :7])], w_fma[0, :7].view(torch.int16)[~torch.isnan(w[0, :7])]
+    )
+    assert w_amx[0, 6].isnan()
+    assert torch.equal(w_amx[2], w[2])
+    fin = (
+        ~special
+        & torch.isfinite(w_amx)
+        & (torch.sign(w_amx) == torch.sign(w_fma))
+        & (torch.sign(w_amx) == torch.sign(ref))
+    )
+    assert fin.float().mean() > 0.95
+    assert _bf16_ulps(w_amx[fin], w_fma[fin]).max() <= 1
+    assert _bf16_ulps(w_amx[fin], ref[fin]).max() <= 1
+    assert (w_amx != w).sum() > 0.5 * w.numel()  # the delta was applied, not skipped
+
+
+def test_amx_merge_interleaved_with_torch_bf16_matmuls():
+    """Our AMX calls configure the tiles and release them; torch's own bf16 GEMMs (oneDNN, AMX on
+    such CPUs) run on the same threads before and after and still give their results."""
+    C = _C()
+    if not C.cpu_amx()["available"]:
+        pytest.skip("no AMX on this CPU / OS")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 256, generator=g).bfloat16()
+    w = torch.randn(512, 256, generator=g).bfloat16()
+    a = torch.randn(16, 256, generator=g).bfloat16() / 16
+    b = torch.randn(512, 16, generator=g).bfloat16() / 16
+    amx = C.cpu_amx()["enabled"]
+    try:
+        C.set_cpu_amx(True)
+        y0 = x @ w.t()
+        for _ in range(20):
+            lora_ext.merge_(w, a, b, 0.5)
+            y = x @ w.t()
+            lora_ext.unmerge_(w, a, b, 0.5)
+            assert torch.isfinite(y).all()
+        assert torch.allclose(x @ w.t(), y0, rtol=0.05, atol=0.5)
+    finally:
+        C.set_cpu_amx(amx)

@@ -115,8 +115,9 @@ void merge_into(const Kernels& kr, const Tensor& weight, const Tensor& A32, cons
   const int64_t nblocks = (rows + kBlock - 1) / kBlock;
   std::atomic<int64_t> next{0};
   const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), nblocks);
-  if (factors_bf16 && kr.merge_bf16 != nullptr && bdt == DT::kBFloat16 && odt == DT::kBFloat16) {
-    // bf16 W and bf16 factors: the AVX512-BF16 dot-product kernel (kernels/lowrank.h: merge_bf16).
+  const auto bf16_kernel = kr.merge_bf16_amx != nullptr && cpu::amx_enabled() ? kr.merge_bf16_amx : kr.merge_bf16;
+  if (factors_bf16 && bf16_kernel != nullptr && bdt == DT::kBFloat16 && odt == DT::kBFloat16) {
+    // bf16 W and bf16 factors: the AMX or AVX512-BF16 dot-product kernel (kernels/lowrank.h: merge_bf16).
     const int64_t rp = (r + 1) / 2;
     std::vector<uint32_t> zpairs(static_cast<size_t>(rows * rp)),
         qpairs(static_cast<size_t>(cpu::pairs_blocked_size(r, L)));
@@ -127,8 +128,7 @@ void merge_into(const Kernels& kr, const Tensor& weight, const Tensor& A32, cons
     at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
       for (int64_t blk = next.fetch_add(1); blk < nblocks; blk = next.fetch_add(1)) {
         const int64_t m0 = blk * kBlock, mc = std::min(kBlock, rows - m0);
-        kr.merge_bf16(zpairs.data() + m0 * rp, mc, rp, qpairs.data(), L, scale, b16 + m0 * ldb, ldb, o16 + m0 * ldo,
-                      ldo);
+        bf16_kernel(zpairs.data() + m0 * rp, mc, rp, qpairs.data(), L, scale, b16 + m0 * ldb, ldb, o16 + m0 * ldo, ldo);
       }
     });
     return;

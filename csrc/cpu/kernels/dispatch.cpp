@@ -150,5 +150,26 @@ bool cpu_can_run(const std::string& name) {
   return v == kUnresolved || runnable(v);
 }
 
+namespace {
+std::atomic<int> g_amx{-1};  // -1: not read from LORA_EXT_CPU_AMX yet
+}  // namespace
+
+bool amx_enabled() {
+  int v = g_amx.load(std::memory_order_acquire);
+  if (v < 0) {
+    const char* env = std::getenv("LORA_EXT_CPU_AMX");
+    v = cpu_has_amx() && !(env && std::string(env) == "0") ? 1 : 0;
+    g_amx.store(v, std::memory_order_release);
+  }
+  return v == 1;
+}
+
+void set_amx(bool on) {
+  TORCH_CHECK_VALUE(!on || cpu_has_amx(),
+                    "lora_ext: AMX needs a CPU with AMX-TILE and AMX-BF16 and an OS that grants the tile state; "
+                    "this one does not");
+  g_amx.store(on ? 1 : 0, std::memory_order_release);
+}
+
 }  // namespace cpu
 }  // namespace lora_ext

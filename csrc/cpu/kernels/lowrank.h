@@ -83,6 +83,14 @@ struct Kernels {
   // Zp = pack_pairs(Z [rows, r]), Qp = pack_pairs_blocked(Q [r, L]) (below); rp = (r + 1) / 2.
   void (*merge_bf16)(const uint32_t* Zp, int64_t rows, int64_t rp, const uint32_t* Qp, int64_t L, float scale,
                      const uint16_t* base, int64_t ldb, uint16_t* out, int64_t ldo);
+
+  // Optional: the same bf16 merge (same operands, same epilogue W + fl(s * sum) rounded once) on
+  // AMX tiles (tdpbf16ps), set only where the CPU has AMX-BF16 and the OS grants the tile state.
+  // Not the same bits as merge_bf16: AMX adds a tile's products with more than fp32 precision
+  // before its one rounding (sum_j Z[m, j] Q[j, l] nearer the exact sum; the lowest bits of the
+  // fp32 sum, hence now and then the bf16 result, differ). Used only while amx_enabled().
+  void (*merge_bf16_amx)(const uint32_t* Zp, int64_t rows, int64_t rp, const uint32_t* Qp, int64_t L, float scale,
+                         const uint16_t* base, int64_t ldb, uint16_t* out, int64_t ldo) = nullptr;
 };
 
 // The bf16 merge's operand layouts (portable code, any variant may pack them).
@@ -146,6 +154,13 @@ std::string active_kernel_name();
 void set_kernel(const std::string& name);
 // Whether this CPU can run the named variant ("aten" and "default" always can).
 bool cpu_can_run(const std::string& name);
+
+// AMX for the bf16 merge (Kernels::merge_bf16_amx): whether this CPU and OS allow it, and whether
+// it is in use (initially: allowed and LORA_EXT_CPU_AMX is not "0"; set_amx(false) turns it off,
+// set_amx(true) throws where it is not allowed).
+bool cpu_has_amx();
+bool amx_enabled();
+void set_amx(bool on);
 
 }  // namespace cpu
 }  // namespace lora_ext

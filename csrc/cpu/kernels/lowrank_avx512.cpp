@@ -8,7 +8,23 @@
 #include "lowrank.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include <vector>
+
+// The AMX merge needs a compiler that knows the AMX intrinsics (GCC 11, clang 12) and Linux's
+// permission call for the tile state; elsewhere it is left out (cpu_has_amx() is false).
+#if defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define LORA_EXT_AMX 1
+#else
+#define LORA_EXT_AMX 0
+#endif
 
 #pragma GCC push_options
 // GCC 12 flags the deliberately undefined operand of _mm512_undefined_epi32() inside its own headers.
@@ -214,6 +230,128 @@ void merge_bf16(const uint32_t* Zp, int64_t rows, int64_t rp, const uint32_t* Qp
 
 bool cpu_has_avx512bf16() { return __builtin_cpu_supports("avx512bf16"); }
 
+#if LORA_EXT_AMX
+// ---------------------------------------------------------------- bf16 merge on AMX tiles
+//
+// The operands of merge_bf16 as tiles: A = 16 rows of Zp (rp pairs each, up to 16 pairs per
+// tile), B = the matching pairs of a 16-column slice of a packed 48-column block of Qp (row
+// stride 48 pairs), C = 16 x 16 fp32 sums; tdpbf16ps adds the pairs in rank order. A 48-column
+// block's three C tiles go through a 3 KiB buffer into merge_bf16_blk's epilogue: W + fl(s * sum),
+// rounded once (loads of all three vectors of a row before its stores, as there).
+// Tiles: 0, 5, 6 = C, 1/2 = A/B of a full 16-pair chunk, 3/4 = A/B of the last, shorter chunk.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16,amx-tile,amx-bf16")
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+constexpr int64_t kTilePairs = 16;  // pairs (32 ranks) per tdpbf16ps: 64-byte tile rows
+
+void merge_bf16_amx(const uint32_t* Zp, int64_t rows, int64_t rp, const uint32_t* Qp, int64_t L, float scale,
+                    const uint16_t* base, int64_t ldb, uint16_t* out, int64_t ldo) {
+  static_assert(lora_ext::cpu::kBf16PairBlock == 48, "a packed block holds 3 tile widths");
+  constexpr int64_t QB = lora_ext::cpu::kBf16PairBlock;
+  if (rows <= 0 || L <= 0) return;
+  const int64_t full = rp / kTilePairs, tail = rp % kTilePairs;
+  TileConfig cfg;
+  for (int t : {0, 5, 6}) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  cfg.rows[1] = 16, cfg.colsb[1] = 64, cfg.rows[2] = kTilePairs, cfg.colsb[2] = 64;
+  if (tail > 0)
+    cfg.rows[3] = 16, cfg.colsb[3] = static_cast<uint16_t>(4 * tail), cfg.rows[4] = static_cast<uint8_t>(tail),
+    cfg.colsb[4] = 64;
+  _tile_loadconfig(&cfg);
+  alignas(64) float c[16 * QB];  // the three C tiles side by side: row i at c + 48 i
+  std::vector<uint32_t> zpad;    // the last rows % 16 rows of Zp, zero-padded to 16 rows
+  const reg s = V::set1(scale);
+  const int64_t nblk = (L + QB - 1) / QB;
+  for (int64_t m0 = 0; m0 < rows; m0 += 16) {
+    const int64_t mc = rows - m0 < 16 ? rows - m0 : 16;
+    const uint32_t* z = Zp + m0 * rp;
+    if (mc < 16) {
+      zpad.assign(static_cast<size_t>(16 * rp), 0u);
+      std::memcpy(zpad.data(), z, static_cast<size_t>(mc * rp) * sizeof(uint32_t));
+      z = zpad.data();
+    }
+    const int64_t zs = rp * int64_t(sizeof(uint32_t));
+    constexpr int64_t qs = QB * int64_t(sizeof(uint32_t));
+    for (int64_t cb = 0; cb < nblk; ++cb) {
+      // the block's 48 columns as three C tiles (0, 5, 6), each A tile loaded once for the three
+      const uint32_t* q = Qp + cb * rp * QB;
+      _tile_zero(0);
+      _tile_zero(5);
+      _tile_zero(6);
+      for (int64_t k = 0; k < full; ++k) {
+        const uint32_t* qk = q + k * kTilePairs * QB;
+        _tile_loadd(1, z + k * kTilePairs, zs);
+        _tile_loadd(2, qk, qs);
+        _tile_dpbf16ps(0, 1, 2);
+        _tile_loadd(2, qk + 16, qs);
+        _tile_dpbf16ps(5, 1, 2);
+        _tile_loadd(2, qk + 32, qs);
+        _tile_dpbf16ps(6, 1, 2);
+      }
+      if (tail > 0) {
+        const uint32_t* qk = q + full * kTilePairs * QB;
+        _tile_loadd(3, z + full * kTilePairs, zs);
+        _tile_loadd(4, qk, qs);
+        _tile_dpbf16ps(0, 3, 4);
+        _tile_loadd(4, qk + 16, qs);
+        _tile_dpbf16ps(5, 3, 4);
+        _tile_loadd(4, qk + 32, qs);
+        _tile_dpbf16ps(6, 3, 4);
+      }
+      _tile_stored(0, c, 3 * 64);
+      _tile_stored(5, c + 16, 3 * 64);
+      _tile_stored(6, c + 32, 3 * 64);
+      const int64_t l0 = cb * QB;
+      const int64_t n = L - l0 < QB ? L - l0 : QB;
+      for (int64_t i = 0; i < mc; ++i) {
+        const uint16_t* b = base + (m0 + i) * ldb + l0;
+        uint16_t* o = out + (m0 + i) * ldo + l0;
+        const float* ci = c + i * QB;
+        if (n == QB) {
+          const reg v0 = V::add(V::load_bf16(b), V::mul(s, V::load(ci)));
+          const reg v1 = V::add(V::load_bf16(b + 16), V::mul(s, V::load(ci + 16)));
+          const reg v2 = V::add(V::load_bf16(b + 32), V::mul(s, V::load(ci + 32)));
+          store_bf16_cvt(o, v0);
+          store_bf16_cvt(o + 16, v1);
+          store_bf16_cvt(o + 32, v2);
+        } else {
+          for (int64_t l = 0; l < n; l += 16) {
+            const int64_t nv = n - l < 16 ? n - l : 16;
+            store_n<DT::kBFloat16>(o + l, V::add(load_n<DT::kBFloat16>(b + l, nv), V::mul(s, V::load(ci + l))), nv);
+          }
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+#pragma GCC pop_options
+
+// CPUID.(7, 0):EDX bits 22 (AMX-BF16) and 24 (AMX-TILE), XCR0 bits 17-18 (tile state enabled by
+// the OS), and on Linux the per-process permission for the tile data (arch_prctl, kernel 5.16+).
+bool amx_usable() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  if (!(d & (1u << 22)) || !(d & (1u << 24))) return false;
+  if (!__builtin_cpu_supports("avx512bf16")) return false;
+  unsigned lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & (3u << 17)) != (3u << 17)) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+#else
+bool amx_usable() { return false; }
+#endif  // LORA_EXT_AMX
+
 }  // namespace
 
 #pragma GCC diagnostic pop
@@ -233,8 +371,19 @@ const Kernels& kernels_avx512() {
                          &colsum,
                          &merge_pack,
                          &merge,
-                         cpu_has_avx512bf16() ? &merge_bf16 : nullptr};
+                         cpu_has_avx512bf16() ? &merge_bf16 : nullptr,
+#if LORA_EXT_AMX
+                         cpu_has_amx() ? &merge_bf16_amx : nullptr
+#else
+                         nullptr
+#endif
+  };
   return k;
+}
+
+bool cpu_has_amx() {
+  static const bool ok = amx_usable();
+  return ok;
 }
 
 }  // namespace cpu
@@ -245,6 +394,7 @@ const Kernels& kernels_avx512() {
 namespace lora_ext {
 namespace cpu {
 const Kernels& kernels_avx512() { return kernels_default(); }
+bool cpu_has_amx() { return false; }
 }  // namespace cpu
 }  // namespace lora_ext
 

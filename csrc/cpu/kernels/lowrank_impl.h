@@ -572,8 +572,7 @@ void merge_t(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* 
         // 16), prefetching as many rows ahead; fewer rows at the end of the row block
         constexpr int64_t RB = kMergeBlockRows;
         if (left >= RB) {
-          merge_rows<RB, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo,
-                                 left >= 2 * RB ? RB : left - RB);
+          merge_rows<RB, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, left >= 2 * RB ? RB : left - RB);
           m += RB;
         } else if (RB > 4 && left >= 4) {
           merge_rows<4, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, 0);
