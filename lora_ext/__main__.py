@@ -340,6 +340,18 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _cpu_kernels() -> str:
+    """The fused CPU kernel variant in use and whether the bf16 merge runs on AMX (compiled library only)."""
+    from .ops import _loader
+
+    C = _loader._C
+    if C is None:
+        return "none (compiled library not loaded)"
+    amx = C.cpu_amx()
+    amx_s = "on" if amx["enabled"] else ("available, off" if amx["available"] else "not available")
+    return f"{C.cpu_kernel()} (runnable: {', '.join(k for k, v in C.cpu_kernel_variants().items() if v)}; AMX bf16 merge {amx_s})"
+
+
 def report() -> dict[str, Any]:
     """Versions, build info, CPU capability, devices and the op -> implementation table."""
     devices = default_devices()
@@ -355,6 +367,7 @@ def report() -> dict[str, Any]:
         },
         "build": lora_ext.build_info(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_kernels": _cpu_kernels(),
         "devices": {str(d): _device_name(d) for d in devices},
         "ops": {name: {d.type: implementation(name, d.type) for d in devices} for name in op_names()},
     }
@@ -383,7 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     for title, section in (("versions", info["versions"]), ("build", info["build"]), ("devices", info["devices"])):
         print(f"== {title}\n" + "\n".join(f"  {k}: {v}" for k, v in section.items()))
-    print(f"  cpu_capability: {info['cpu_capability']}\n== ops (implementation per device)")
+    print(f"  cpu_capability: {info['cpu_capability']}\n  cpu_kernels: {info['cpu_kernels']}")
+    print("== ops (implementation per device)")
     for name, impl in info["ops"].items():
         print(f"  {name:26s} " + "  ".join(f"{dev}: {v}" for dev, v in impl.items()))
     print("== self-test (compiled vs fallback)")

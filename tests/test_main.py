@@ -37,7 +37,7 @@ def test_module_runs_reports_every_op_and_passes():
     proc = _run()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    for section in ("== versions", "== build", "cpu_capability", "== ops", "== self-test"):
+    for section in ("== versions", "== build", "cpu_capability", "cpu_kernels", "== ops", "== self-test"):
         assert section in out
     for name in diag.op_names():
         assert f"  {name} " in out, name  # its line in the implementation table
