@@ -272,11 +272,12 @@ void lowrank_backward(const Kernels& kr, const BackwardPass& a) {
           kr.stage(a.x.row(m0), a.x.dt, a.x.rs, a.x.cs, mc, K, xbuf.data(), K, a.row0 + m0, a.drop);
           X = xbuf.data(), ldx = K;
         }
-        if (a.need_b) {
-          shrink_any(kr, X, ldx, mc, K, a.A, a.AT, r, xa.data());
-          kr.outer(xa.data(), r, G, ldg, mc, r, N, part_b + b * r * N, N);
-        }
+        // Both shrinks first: each reads its chunk row by row (sequential streams the hardware
+        // prefetches) the first time it is touched; the outer products, which walk the chunk in
+        // column strips (rows 4 KiB apart at K = 1024), then find it in L2.
+        if (a.need_b) shrink_any(kr, X, ldx, mc, K, a.A, a.AT, r, xa.data());
         if (want_gb) shrink_any(kr, G, ldg, mc, N, a.BT, a.AT != nullptr ? a.B : nullptr, r, gb.data());
+        if (a.need_b) kr.outer(xa.data(), r, G, ldg, mc, r, N, part_b + b * r * N, N);
         if (a.need_a) kr.outer(gb.data(), r, X, ldx, mc, r, K, part_a + b * r * K, K);
         if (a.need_bias) kr.colsum(G, ldg, mc, N, part_bias + b * N);
         if (a.dx_out && !packed_a.empty()) {
