@@ -259,11 +259,18 @@ void merge_bf16_amx(const uint32_t* Zp, int64_t rows, int64_t rp, const uint32_t
   if (rows <= 0 || L <= 0) return;
   const int64_t full = rp / kTilePairs, tail = rp % kTilePairs;
   TileConfig cfg;
-  for (int t : {0, 5, 6}) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-  cfg.rows[1] = 16, cfg.colsb[1] = 64, cfg.rows[2] = kTilePairs, cfg.colsb[2] = 64;
-  if (tail > 0)
-    cfg.rows[3] = 16, cfg.colsb[3] = static_cast<uint16_t>(4 * tail), cfg.rows[4] = static_cast<uint8_t>(tail),
-    cfg.colsb[4] = 64;
+  // tile t: rows[t] rows of colsb[t] bytes (C: 16 x 16 fp32; A: 16 rows x pairs; B: pairs x 16 columns)
+  auto shape = [&cfg](int t, int64_t rows_, int64_t colsb) {
+    cfg.rows[t] = static_cast<uint8_t>(rows_);
+    cfg.colsb[t] = static_cast<uint16_t>(colsb);
+  };
+  for (int t : {0, 5, 6}) shape(t, 16, 64);
+  shape(1, 16, 4 * kTilePairs);
+  shape(2, kTilePairs, 64);
+  if (tail > 0) {
+    shape(3, 16, 4 * tail);
+    shape(4, tail, 64);
+  }
   _tile_loadconfig(&cfg);
   alignas(64) float c[16 * QB];  // the three C tiles side by side: row i at c + 48 i
   std::vector<uint32_t> zpad;    // the last rows % 16 rows of Zp, zero-padded to 16 rows
