@@ -388,6 +388,9 @@ def rerun_with_cpu_isa(isa: str, module: str, argv: list[str]) -> None:
     """
     env = CPU_ISA_ENV[isa]
     if all(os.environ.get(k) == v for k, v in env.items()):
+        got = torch.backends.cpu.get_cpu_capability()
+        if got != isa.upper():  # a CPU without the ISA (or not x86): the switches would change nothing
+            raise SystemExit(f"--cpu-isa {isa}: this CPU runs torch at capability {got}, not {isa.upper()}")
         return
     os.environ.update(env)
     sys.stdout.flush()

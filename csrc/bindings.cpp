@@ -85,6 +85,9 @@ pybind11::dict cpu_amx() {
   pybind11::dict out;
   out["available"] = lora_ext::cpu::cpu_has_amx();
   out["enabled"] = lora_ext::cpu::amx_enabled();
+  // whether a bf16 merge runs on it now: enabled and the active variant has the kernel (avx512 does)
+  const lora_ext::cpu::Kernels* kr = lora_ext::cpu::active_kernels();
+  out["in_use"] = lora_ext::cpu::amx_enabled() && kr != nullptr && kr->merge_bf16_amx != nullptr;
   return out;
 }
 
@@ -117,8 +120,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("name"));
   m.def("cpu_kernel_variants", &cpu_kernel_variants, "Which CPU kernel variants this CPU can run.");
   m.def("cpu_amx", &cpu_amx,
-        "AMX for the bf16 merge: {'available': CPU and OS allow it, 'enabled': in use (LORA_EXT_CPU_AMX=0 turns it "
-        "off at start)}.");
+        "AMX for the bf16 merge: {'available': CPU and OS allow it, 'enabled': switched on (LORA_EXT_CPU_AMX=0 "
+        "turns it off at start), 'in_use': enabled and the active CPU kernel variant (avx512) has the AMX kernel}.");
   m.def("set_cpu_amx", &lora_ext::cpu::set_amx,
         "Use AMX for the bf16 merge (True) or not (False); True raises ValueError where it is not available.",
         pybind11::arg("on"));

@@ -348,7 +348,12 @@ def _cpu_kernels() -> str:
     if C is None:
         return "none (compiled library not loaded)"
     amx = C.cpu_amx()
-    amx_s = "on" if amx["enabled"] else ("available, off" if amx["available"] else "not available")
+    if not amx["available"]:
+        amx_s = "not available"
+    elif amx["in_use"]:
+        amx_s = "on"
+    else:
+        amx_s = "available, off" + (" (enabled, but the active variant has no AMX kernel)" if amx["enabled"] else "")
     return f"{C.cpu_kernel()} (runnable: {', '.join(k for k, v in C.cpu_kernel_variants().items() if v)}; AMX bf16 merge {amx_s})"
 
 

@@ -273,3 +273,19 @@ def test_strategy_sweep_reports_measured_and_modelled_crossovers():
 
     assert _crossover([1, 2, 4, 8], {1: 0.9, 2: 1.1, 4: 0.95, 8: 0.9}) == 4  # from which merge STAYS faster
     assert _crossover([1, 2], {1: 1.2, 2: 1.01}) is None
+
+
+def test_cpu_isa_rerun_refuses_a_cpu_without_the_isa(monkeypatch):
+    """With the switches already set, a torch that still reports another capability (a CPU without
+    AVX2, or not x86) stops the run instead of labelling native figures as AVX2 ones."""
+    import torch
+
+    from benchmarks import common
+
+    for k, v in common.CPU_ISA_ENV["avx2"].items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    with pytest.raises(SystemExit, match="capability DEFAULT, not AVX2"):
+        common.rerun_with_cpu_isa("avx2", "benchmarks.run", [])
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    common.rerun_with_cpu_isa("avx2", "benchmarks.run", [])  # already in effect: returns, no re-exec

@@ -317,8 +317,11 @@ def test_bf16_merge_on_amx_rounds_once(shape):
     b[2, :] = 0.0
     before, amx = C.cpu_kernel(), C.cpu_amx()["enabled"]
     try:
-        C.set_cpu_kernel("avx512")
+        C.set_cpu_kernel("avx2")
         C.set_cpu_amx(True)
+        assert C.cpu_amx()["in_use"] is False  # the avx2 table has no AMX kernel
+        C.set_cpu_kernel("avx512")
+        assert C.cpu_amx()["in_use"] is True
         w_amx = w.clone()
         lora_ext.merge_(w_amx, a, b, 0.625)
         C.set_cpu_amx(False)

@@ -252,6 +252,21 @@ struct alignas(64) TileConfig {
 
 constexpr int64_t kTilePairs = 16;  // pairs (32 ranks) per tdpbf16ps: 64-byte tile rows
 
+// C tiles 0, 5, 6 += one chunk of pairs: A tile TA from z (row stride zs bytes), B tile TB from the
+// three 16-column slices of the packed block at qk (row stride 48 pairs). A macro, not a function:
+// GCC's tile intrinsics paste the tile number into the instruction text, so it must be a literal.
+#define LORA_EXT_TDP_CHUNK(TA, TB, z, zs, qk)                                          \
+  do {                                                                                 \
+    constexpr int64_t qs_ = lora_ext::cpu::kBf16PairBlock * int64_t(sizeof(uint32_t)); \
+    _tile_loadd(TA, (z), (zs));                                                        \
+    _tile_loadd(TB, (qk), qs_);                                                        \
+    _tile_dpbf16ps(0, TA, TB);                                                         \
+    _tile_loadd(TB, (qk) + 16, qs_);                                                   \
+    _tile_dpbf16ps(5, TA, TB);                                                         \
+    _tile_loadd(TB, (qk) + 32, qs_);                                                   \
+    _tile_dpbf16ps(6, TA, TB);                                                         \
+  } while (0)
+
 void merge_bf16_amx(const uint32_t* Zp, int64_t rows, int64_t rp, const uint32_t* Qp, int64_t L, float scale,
                     const uint16_t* base, int64_t ldb, uint16_t* out, int64_t ldo) {
   static_assert(lora_ext::cpu::kBf16PairBlock == 48, "a packed block holds 3 tile widths");
@@ -285,33 +300,14 @@ void merge_bf16_amx(const uint32_t* Zp, int64_t rows, int64_t rp, const uint32_t
       z = zpad.data();
     }
     const int64_t zs = rp * int64_t(sizeof(uint32_t));
-    constexpr int64_t qs = QB * int64_t(sizeof(uint32_t));
     for (int64_t cb = 0; cb < nblk; ++cb) {
       // the block's 48 columns as three C tiles (0, 5, 6), each A tile loaded once for the three
       const uint32_t* q = Qp + cb * rp * QB;
       _tile_zero(0);
       _tile_zero(5);
       _tile_zero(6);
-      for (int64_t k = 0; k < full; ++k) {
-        const uint32_t* qk = q + k * kTilePairs * QB;
-        _tile_loadd(1, z + k * kTilePairs, zs);
-        _tile_loadd(2, qk, qs);
-        _tile_dpbf16ps(0, 1, 2);
-        _tile_loadd(2, qk + 16, qs);
-        _tile_dpbf16ps(5, 1, 2);
-        _tile_loadd(2, qk + 32, qs);
-        _tile_dpbf16ps(6, 1, 2);
-      }
-      if (tail > 0) {
-        const uint32_t* qk = q + full * kTilePairs * QB;
-        _tile_loadd(3, z + full * kTilePairs, zs);
-        _tile_loadd(4, qk, qs);
-        _tile_dpbf16ps(0, 3, 4);
-        _tile_loadd(4, qk + 16, qs);
-        _tile_dpbf16ps(5, 3, 4);
-        _tile_loadd(4, qk + 32, qs);
-        _tile_dpbf16ps(6, 3, 4);
-      }
+      for (int64_t k = 0; k < full; ++k) LORA_EXT_TDP_CHUNK(1, 2, z + k * kTilePairs, zs, q + k * kTilePairs * QB);
+      if (tail > 0) LORA_EXT_TDP_CHUNK(3, 4, z + full * kTilePairs, zs, q + full * kTilePairs * QB);
       _tile_stored(0, c, 3 * 64);
       _tile_stored(5, c + 16, 3 * 64);
       _tile_stored(6, c + 32, 3 * 64);
@@ -339,6 +335,7 @@ void merge_bf16_amx(const uint32_t* Zp, int64_t rows, int64_t rp, const uint32_t
   }
   _tile_release();
 }
+#undef LORA_EXT_TDP_CHUNK
 
 #pragma GCC pop_options
 
