@@ -55,9 +55,11 @@ View view_of(const Tensor& t) {
 }
 
 // Rows of one step of the fused passes: about 32K fp32 elements (128 KiB) per matrix, so a
-// step of x and one of g, the per-thread partials and the factors share the L2 cache.
+// step of x and one of g, the per-thread partials and the factors share the L2 cache; a
+// multiple of 8, the kernels' row block (K = 1376 gave 23 rows: 2 blocks and 7 tail rows).
 int64_t step_rows(int64_t width) {
-  return std::clamp<int64_t>((int64_t(1) << 15) / std::max<int64_t>(width, 1), 8, 256);
+  const int64_t rows = (int64_t(1) << 15) / std::max<int64_t>(width, 1);
+  return std::clamp<int64_t>((rows + 4) / 8 * 8, 8, 256);
 }
 
 // Rows per chunk of the bf16/fp16 base GEMM (as lora_cpu.cpp's chunk_rows).

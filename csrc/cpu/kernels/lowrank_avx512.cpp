@@ -135,8 +135,8 @@ inline void store_bf16_cvt(uint16_t* p, __m512 v) {
 }
 
 template <int R, bool FULL>
-inline void merge_bf16_blk(const uint32_t* zp, int64_t rp, const uint32_t* qp, int64_t n, float scale,
-                           const uint16_t* base, int64_t ldb, uint16_t* out, int64_t ldo, int64_t pf_rows) {
+LORA_EXT_BLOCK void merge_bf16_blk(const uint32_t* zp, int64_t rp, const uint32_t* qp, int64_t n, float scale,
+                                   const uint16_t* base, int64_t ldb, uint16_t* out, int64_t ldo, int64_t pf_rows) {
   __m512 acc[R][3];
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < 3; ++v) acc[i][v] = _mm512_setzero_ps();

@@ -20,6 +20,17 @@
 // vector uses zero-padded loads through the same code), so results do not depend
 // on the layout or on the tile an element falls in.
 
+// The register blocks (the *_blk functions) are forced inline into their loops: left to GCC,
+// merge_blk<8> became a call per 8 x 48 block that stored its 24 accumulators to the stack
+// for the epilogue (the block's 16 rank steps then cost ~25 % more than MKL's addmm_ in L2).
+#ifndef LORA_EXT_BLOCK
+#if defined(__GNUC__) || defined(__clang__)
+#define LORA_EXT_BLOCK inline __attribute__((always_inline))
+#else
+#define LORA_EXT_BLOCK inline
+#endif
+#endif
+
 using lora_ext::cpu::Drop;
 using lora_ext::cpu::DT;
 using lora_ext::cpu::Kernels;
@@ -140,7 +151,8 @@ void stage(const void* src, DT dt, int64_t rs, int64_t cs, int64_t rows, int64_t
 // ---------------------------------------------------------------- shrink: Z = X P^T
 
 template <int R, int J>
-inline void shrink_blk(const float* X, int64_t ldx, int64_t K, const float* P, int64_t ldp, float* Z, int64_t ldz) {
+LORA_EXT_BLOCK void shrink_blk(const float* X, int64_t ldx, int64_t K, const float* P, int64_t ldp, float* Z,
+                               int64_t ldz) {
   reg acc[R][J];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < J; ++j) acc[i][j] = V::zero();
@@ -203,7 +215,8 @@ void shrink(const float* X, int64_t ldx, int64_t rows, int64_t K, const float* P
 constexpr int kAccRegs = W >= 16 ? 24 : 12;  // accumulators a block may hold (32 / 16 vector registers)
 
 template <int R, int NV>
-inline void shrink_t_blk(const float* X, int64_t ldx, int64_t K, const float* PT, int64_t r, float* Z, int64_t ldz) {
+LORA_EXT_BLOCK void shrink_t_blk(const float* X, int64_t ldx, int64_t K, const float* PT, int64_t r, float* Z,
+                                 int64_t ldz) {
   reg acc[R][NV];
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
@@ -225,6 +238,14 @@ void shrink_t_nv(const float* X, int64_t ldx, int64_t rows, int64_t K, const flo
   constexpr int RB = kAccRegs / NV > 8 ? 8 : (kAccRegs / NV < 1 ? 1 : kAccRegs / NV);
   int64_t m = 0;
   for (; m + RB <= rows; m += RB) shrink_t_blk<RB, NV>(X + m * ldx, ldx, K, PT, r, Z + m * ldz, ldz);
+  // The tail in blocks of 4 and 2 rows: a single row is one FMA chain per vector, latency-bound
+  // (a step of 23 rows, K = 1376, spent a third of its time on its 7 single rows).
+  if constexpr (RB > 4) {
+    if (m + 4 <= rows) shrink_t_blk<4, NV>(X + m * ldx, ldx, K, PT, r, Z + m * ldz, ldz), m += 4;
+  }
+  if constexpr (RB > 2) {
+    if (m + 2 <= rows) shrink_t_blk<2, NV>(X + m * ldx, ldx, K, PT, r, Z + m * ldz, ldz), m += 2;
+  }
   for (; m < rows; ++m) shrink_t_blk<1, NV>(X + m * ldx, ldx, K, PT, r, Z + m * ldz, ldz);
 }
 
@@ -253,9 +274,9 @@ bool shrink_t(const float* X, int64_t ldx, int64_t rows, int64_t K, const float*
 
 // R rows x LV vectors starting at column l; the last vector holds `nlast` valid columns.
 template <int R, int LV, DT BD, DT OD, bool MASK>
-inline void expand_blk(const float* Z, int64_t ldz, int64_t r, const float* Q, int64_t ldq, int64_t nlast, float scale,
-                       const typename IO<BD>::T* base, int64_t ldb, typename IO<OD>::T* out, int64_t ldo, uint64_t idx0,
-                       uint64_t L, const Drop* drop) {
+LORA_EXT_BLOCK void expand_blk(const float* Z, int64_t ldz, int64_t r, const float* Q, int64_t ldq, int64_t nlast,
+                               float scale, const typename IO<BD>::T* base, int64_t ldb, typename IO<OD>::T* out,
+                               int64_t ldo, uint64_t idx0, uint64_t L, const Drop* drop) {
   reg acc[R][LV];
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < LV; ++v) acc[i][v] = V::zero();
@@ -378,8 +399,8 @@ void expand(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* Q
 // ---------------------------------------------------------------- outer: acc += Z^T X
 
 template <int J, int LV>
-inline void outer_blk(const float* Z, int64_t ldz, const float* X, int64_t ldx, int64_t rows, int64_t nlast, float* acc,
-                      int64_t lda) {
+LORA_EXT_BLOCK void outer_blk(const float* Z, int64_t ldz, const float* X, int64_t ldx, int64_t rows, int64_t nlast,
+                              float* acc, int64_t lda) {
   reg a[J][LV];
   for (int j = 0; j < J; ++j)
     for (int v = 0; v < LV; ++v) a[j][v] = load_n<DT::kFloat32>(acc + j * lda + v * W, v == LV - 1 ? nlast : W);
@@ -479,27 +500,31 @@ void colsum(const float* X, int64_t ldx, int64_t rows, int64_t L, float* acc) {
 // 3W: block c holds Q[j, 3Wc + u] at Qp[(c r + j) 3W + u], zero past L. A block's r x 3W slice
 // is then contiguous (the unpacked rows of Q sit L floats apart: at L = 4096 every one of them
 // falls in the same L1 set). The rows go in blocks of kMergeRows; each row block walks column
-// tiles whose packed panel is about 16 KiB (stays in L1 while the block's rows use it), 4 rows
-// x 3 vectors at a time, prefetching the next 4 rows of the same columns. W is read and
-// written once; no temporary besides the packed Q.
+// tiles whose packed panel is about 16 KiB (stays in L1 while the block's rows use it),
+// kMergeBlockRows rows x 3 vectors at a time, prefetching as many next rows of the same
+// columns; a row's last block takes only the vectors its columns need (L = 1024 or 4096 end
+// on one whole vector: the 3-vector block with masked loads cost ~10 % at L = 1024). W is
+// read and written once; no temporary besides the packed Q.
 
 constexpr int64_t kMergeRows = 64;
 constexpr int kMergeBlockRows = W >= 16 ? 8 : 4;
 constexpr int64_t kMergePanel = 4096;  // fp32 elements of packed Q per column tile
 
-template <int R, bool FULL, DT BD, DT OD>
-inline void merge_blk(const float* Z, int64_t ldz, int64_t r, const float* qp, int64_t n, float scale,
-                      const typename IO<BD>::T* base, int64_t ldb, typename IO<OD>::T* out, int64_t ldo,
-                      int64_t pf_rows) {
-  reg acc[R][3];
+// R rows x NV vectors of columns (NV = 3 but in the last block of a row, which takes the
+// vectors its n columns need; FULL: n = NV W, else the last vector holds n - (NV - 1) W).
+template <int R, int NV, bool FULL, DT BD, DT OD>
+LORA_EXT_BLOCK void merge_blk(const float* Z, int64_t ldz, int64_t r, const float* qp, int64_t n, float scale,
+                              const typename IO<BD>::T* base, int64_t ldb, typename IO<OD>::T* out, int64_t ldo,
+                              int64_t pf_rows) {
+  reg acc[R][NV];
   for (int i = 0; i < R; ++i)
-    for (int v = 0; v < 3; ++v) acc[i][v] = V::zero();
+    for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
   for (int64_t j = 0; j < r; ++j) {
-    reg q[3];
-    for (int v = 0; v < 3; ++v) q[v] = V::load(qp + j * 3 * W + v * W);
+    reg q[NV];
+    for (int v = 0; v < NV; ++v) q[v] = V::load(qp + j * 3 * W + v * W);
     for (int i = 0; i < R; ++i) {
       const reg z = V::set1(Z[i * ldz + j]);
-      for (int v = 0; v < 3; ++v) acc[i][v] = V::fma(z, q[v], acc[i][v]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = V::fma(z, q[v], acc[i][v]);
     }
   }
   // the same columns of the next rows (their lines, first to last byte)
@@ -507,30 +532,21 @@ inline void merge_blk(const float* Z, int64_t ldz, int64_t r, const float* qp, i
   for (int64_t i = 0; i < pf_rows; ++i) {
     const char* p0 = reinterpret_cast<const char*>(base + (R + i) * ldb);
     const uintptr_t a0 = reinterpret_cast<uintptr_t>(p0) & ~uintptr_t(63);
-    const uintptr_t a1 = reinterpret_cast<uintptr_t>(p0) + uintptr_t(3 * W * bsz - 1);
+    const uintptr_t a1 = reinterpret_cast<uintptr_t>(p0) + uintptr_t(NV * W * bsz - 1);
     for (uintptr_t a = a0; a <= a1; a += 64) __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
   }
   // every load of the block before its first store: rows ldb apart share their low 12 address
   // bits, and a load behind a store to the row above would wait on a false (4K-alias) dependency
   const reg s = V::set1(scale);
+  constexpr int FV = FULL ? NV : NV - 1;  // full vectors
+  const int64_t nlast = n - FV * W;       // columns of the partial last vector (not FULL)
   for (int i = 0; i < R; ++i) {
-    for (int v = 0; v < 3; ++v) {
-      const int64_t nv = FULL ? W : (n - v * W > W ? W : n - v * W);
-      if (!FULL && nv <= 0) break;
-      const reg b = FULL ? IO<BD>::load(base + i * ldb + v * W) : load_n<BD>(base + i * ldb + v * W, nv);
-      acc[i][v] = V::add(b, V::mul(s, acc[i][v]));
-    }
+    for (int v = 0; v < FV; ++v) acc[i][v] = V::add(IO<BD>::load(base + i * ldb + v * W), V::mul(s, acc[i][v]));
+    if constexpr (!FULL) acc[i][FV] = V::add(load_part<BD>(base + i * ldb + FV * W, nlast), V::mul(s, acc[i][FV]));
   }
   for (int i = 0; i < R; ++i) {
-    for (int v = 0; v < 3; ++v) {
-      const int64_t nv = FULL ? W : (n - v * W > W ? W : n - v * W);
-      if (!FULL && nv <= 0) break;
-      if (FULL) {
-        IO<OD>::store(out + i * ldo + v * W, acc[i][v]);
-      } else {
-        store_n<OD>(out + i * ldo + v * W, acc[i][v], nv);
-      }
-    }
+    for (int v = 0; v < FV; ++v) IO<OD>::store(out + i * ldo + v * W, acc[i][v]);
+    if constexpr (!FULL) store_part<OD>(out + i * ldo + FV * W, acc[i][FV], nlast);
   }
 }
 
@@ -542,10 +558,20 @@ inline void merge_rows(const float* Z, int64_t ldz, int64_t r, const float* Qp, 
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t l = c * BW;
     const float* qp = Qp + c * r * BW;
-    if (l + BW <= L) {
-      merge_blk<R, true, BD, OD>(Z, ldz, r, qp, BW, scale, base + l, ldb, out + l, ldo, pf_rows);
+    const auto* b = base + l;
+    auto* o = out + l;
+    const int64_t n = L - l;
+    if (n >= BW) {
+      merge_blk<R, 3, true, BD, OD>(Z, ldz, r, qp, BW, scale, b, ldb, o, ldo, pf_rows);
+    } else if (n % W == 0) {  // the last block, whole vectors (L = 1024: one): no partial loads
+      if (n == W) merge_blk<R, 1, true, BD, OD>(Z, ldz, r, qp, n, scale, b, ldb, o, ldo, 0);
+      if (n == 2 * W) merge_blk<R, 2, true, BD, OD>(Z, ldz, r, qp, n, scale, b, ldb, o, ldo, 0);
+    } else if (n < W) {
+      merge_blk<R, 1, false, BD, OD>(Z, ldz, r, qp, n, scale, b, ldb, o, ldo, 0);
+    } else if (n < 2 * W) {
+      merge_blk<R, 2, false, BD, OD>(Z, ldz, r, qp, n, scale, b, ldb, o, ldo, 0);
     } else {
-      merge_blk<R, false, BD, OD>(Z, ldz, r, qp, L - l, scale, base + l, ldb, out + l, ldo, 0);
+      merge_blk<R, 3, false, BD, OD>(Z, ldz, r, qp, n, scale, b, ldb, o, ldo, 0);
     }
   }
 }
