@@ -216,16 +216,22 @@ constexpr int kAccRegs = W >= 16 ? 24 : 12;  // accumulators a block may hold (3
 
 template <int R, int NV>
 LORA_EXT_BLOCK void shrink_t_blk(const float* X, int64_t ldx, int64_t K, const float* PT, int64_t r, float* Z,
-                                 int64_t ldz) {
+                                 int64_t ldz, int64_t pf_rows) {
   reg acc[R][NV];
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
-  for (int64_t k = 0; k < K; ++k) {
-    reg p[NV];
-    for (int v = 0; v < NV; ++v) p[v] = V::load(PT + k * r + v * W);
-    for (int i = 0; i < R; ++i) {
-      const reg xb = V::set1(X[i * ldx + k]);
-      for (int v = 0; v < NV; ++v) acc[i][v] = V::fma(xb, p[v], acc[i][v]);
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    // the next pf_rows rows into L2, a line of each per 16 columns: each row is a short stream
+    // (K floats) the hardware prefetcher only picks up after its first misses
+    for (int64_t i = 0; i < pf_rows; ++i) __builtin_prefetch(X + (R + i) * ldx + k0, 0, 2);
+    const int64_t k1 = k0 + 16 < K ? k0 + 16 : K;
+    for (int64_t k = k0; k < k1; ++k) {
+      reg p[NV];
+      for (int v = 0; v < NV; ++v) p[v] = V::load(PT + k * r + v * W);
+      for (int i = 0; i < R; ++i) {
+        const reg xb = V::set1(X[i * ldx + k]);
+        for (int v = 0; v < NV; ++v) acc[i][v] = V::fma(xb, p[v], acc[i][v]);
+      }
     }
   }
   for (int i = 0; i < R; ++i)
@@ -237,16 +243,19 @@ void shrink_t_nv(const float* X, int64_t ldx, int64_t rows, int64_t K, const flo
                  int64_t ldz) {
   constexpr int RB = kAccRegs / NV > 8 ? 8 : (kAccRegs / NV < 1 ? 1 : kAccRegs / NV);
   int64_t m = 0;
-  for (; m + RB <= rows; m += RB) shrink_t_blk<RB, NV>(X + m * ldx, ldx, K, PT, r, Z + m * ldz, ldz);
+  for (; m + RB <= rows; m += RB) {
+    const int64_t next = rows - m - RB < RB ? rows - m - RB : RB;
+    shrink_t_blk<RB, NV>(X + m * ldx, ldx, K, PT, r, Z + m * ldz, ldz, next);
+  }
   // The tail in blocks of 4 and 2 rows: a single row is one FMA chain per vector, latency-bound
   // (a step of 23 rows, K = 1376, spent a third of its time on its 7 single rows).
   if constexpr (RB > 4) {
-    if (m + 4 <= rows) shrink_t_blk<4, NV>(X + m * ldx, ldx, K, PT, r, Z + m * ldz, ldz), m += 4;
+    if (m + 4 <= rows) shrink_t_blk<4, NV>(X + m * ldx, ldx, K, PT, r, Z + m * ldz, ldz, 0), m += 4;
   }
   if constexpr (RB > 2) {
-    if (m + 2 <= rows) shrink_t_blk<2, NV>(X + m * ldx, ldx, K, PT, r, Z + m * ldz, ldz), m += 2;
+    if (m + 2 <= rows) shrink_t_blk<2, NV>(X + m * ldx, ldx, K, PT, r, Z + m * ldz, ldz, 0), m += 2;
   }
-  for (; m < rows; ++m) shrink_t_blk<1, NV>(X + m * ldx, ldx, K, PT, r, Z + m * ldz, ldz);
+  for (; m < rows; ++m) shrink_t_blk<1, NV>(X + m * ldx, ldx, K, PT, r, Z + m * ldz, ldz, 0);
 }
 
 // Returns false (nothing done) unless r is 1 .. 8 vectors.
