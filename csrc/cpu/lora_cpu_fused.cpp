@@ -110,7 +110,7 @@ void merge_into(const Kernels& kr, const Tensor& weight, const Tensor& A32, cons
   const char* bp = static_cast<const char*>(weight.data_ptr());
   char* op = static_cast<char*>(out.data_ptr());
   const int64_t bsz = cpu::dt_size(bdt), osz = cpu::dt_size(odt);
-  // Row blocks of 64 (the kernel's row block) handed out dynamically: on a shared machine a static
+  // Row blocks of 64 (8 of the kernel's row blocks) handed out dynamically: on a shared machine a static
   // half per thread waits for whichever thread the OS parks (measured: 2 threads 2.6x slower than
   // 1 for bf16 at load 4); with a counter the running threads take the blocks a parked one leaves.
   constexpr int64_t kBlock = 64;
