@@ -194,7 +194,8 @@ def _ulp(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("sign", [1, -1], ids=["merge", "unmerge"])
 @pytest.mark.parametrize(
-    # K = 64 and 80: a last column block of exactly one / two vectors (AVX-512), two / ... (AVX2)
+    # K = 64 and 80: a row's last column block is exactly one whole vector or two (AVX-512: 64 -> one,
+    # 80 -> two; AVX2: 64 -> two, 80 -> one)
     "shape",
     [(67, 129, 5), (3, 8, 1), (48, 300, 16), (33, 47, 128), (40, 50, 129), (20, 64, 16), (13, 80, 7)],
     ids=lambda s: "x".join(map(str, s)),

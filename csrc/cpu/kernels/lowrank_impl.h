@@ -607,7 +607,9 @@ void merge_t(const float* Z, int64_t ldz, int64_t rows, int64_t r, const float* 
         auto* o = out + m * ldo;
         const int64_t left = m1 - m;
         // kMergeBlockRows rows x 3 vectors of accumulators (8 with AVX-512's 32 registers, 4 with
-        // 16), prefetching as many rows ahead; fewer rows at the end of the row block
+        // 16), prefetching the row block's next rows of the same columns (with kMergeRows = 8 only
+        // AVX2's first block of 4 has any: the 8 sequential row streams are left to the hardware
+        // prefetcher); fewer rows at the end of the row block
         constexpr int64_t RB = kMergeBlockRows;
         if (left >= RB) {
           merge_rows<RB, BD, OD>(z, ldz, r, Qp, c0, c1, L, scale, b, ldb, o, ldo, left >= 2 * RB ? RB : left - RB);
