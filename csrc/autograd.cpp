@@ -3,7 +3,11 @@
 // The formula is the one of lora_ext/ops/dense.py (which registers it from Python when
 // this library is not loaded): the forward saves x, the parameters and the dropout seed
 // (nothing activation-sized, no mask), the backward calls lora_linear_backward once with
-// the mask of the inputs that need a gradient. Doing this in C++ instead of through
+// the mask of the inputs that need a gradient. On the CPU, when the forward computes
+// xa = drop(x) A^T anyway (the shrink/expand strategy) and lora_B needs a gradient, it runs
+// lora_linear_xa instead and keeps xa ([M, r], r/K of x's size) for
+// lora_linear_backward_xa: grad_B = s g^T xa without a second x A^T (one of the seven
+// rank-r products of a step; docs/design.md, "Where the time goes"). Doing this in C++ instead of through
 // torch.library.register_autograd removes the Python autograd.Function round trip
 // (argument normalisation, ctx bookkeeping, a Python backward) from every call: at
 // small M that fixed cost is most of a LoRA layer's time (BENCHMARKS.md, per-call table).
@@ -11,6 +15,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "host/strategy.h"
 #include "ops.h"
 
 namespace lora_ext {
@@ -34,17 +39,51 @@ GradTuple call_backward(LORA_EXT_LINEAR_BACKWARD_PARAMS) {
   return op.call(grad_out, x, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy, output_mask);
 }
 
+std::tuple<Tensor, Tensor> call_forward_xa(LORA_EXT_LINEAR_PARAMS) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lora_ext::lora_linear_xa", "")
+                             .typed<std::tuple<Tensor, Tensor>(LORA_EXT_LINEAR_PARAMS)>();
+  return op.call(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+}
+
+GradTuple call_backward_xa(LORA_EXT_LINEAR_BACKWARD_XA_PARAMS) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lora_ext::lora_linear_backward_xa", "")
+                             .typed<GradTuple(LORA_EXT_LINEAR_BACKWARD_XA_PARAMS)>();
+  return op.call(grad_out, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy, output_mask);
+}
+
+// Whether the forward keeps xa for the backward (see the top of this file): CPU, lora_B
+// trainable, concrete sizes (a torch.compile trace with symbolic M keeps the plain pair),
+// a branch that is not identically zero, and the shrink/expand forward (the merged one
+// does not compute xa). Arguments the op would reject take the plain pair, whose checks
+// raise the op's own errors.
+bool keeps_xa(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B, double dropout_p,
+              int64_t strategy) {
+  if (!x.is_cpu() || !lora_B.requires_grad()) return false;
+  if (x.dim() != 2 || weight.dim() != 2 || lora_A.dim() != 2) return false;
+  if (x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
+  if (!(dropout_p >= 0.0 && dropout_p < 1.0) || strategy < kAuto || strategy > kMerge) return false;
+  return !resolve_strategy(c10::DeviceType::CPU, x.size(0), weight.size(0), x.size(1), x.element_size(), dropout_p,
+                           strategy)
+              .merge_forward;
+}
+
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
  public:
   static Tensor forward(AutogradContext* ctx, LORA_EXT_LINEAR_PARAMS) {
-    Tensor y;
+    Tensor y, xa;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      y = call_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+      if (keeps_xa(x, weight, lora_A, lora_B, dropout_p, strategy)) {
+        std::tie(y, xa) = call_forward_xa(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+      } else {
+        y = call_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+      }
     }
     const bool has_bias = bias.has_value() && bias->defined();
     const bool has_seed = dropout_seed.has_value() && dropout_seed->defined();
-    ctx->save_for_backward({x, weight, lora_A, lora_B, has_seed ? *dropout_seed : Tensor()});
+    ctx->save_for_backward({x, weight, lora_A, lora_B, has_seed ? *dropout_seed : Tensor(), xa});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["strategy"] = strategy;
@@ -64,9 +103,13 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) return out;
     const Tensor& seed = saved[4];
     const std::optional<Tensor> seed_opt = seed.defined() ? std::optional<Tensor>(seed) : std::nullopt;
-    auto grads =
-        call_backward(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], ctx->saved_data["scale"].toDouble(),
-                      ctx->saved_data["dropout_p"].toDouble(), seed_opt, ctx->saved_data["strategy"].toInt(), mask);
+    const Tensor& xa = saved[5];
+    const double scale = ctx->saved_data["scale"].toDouble(), p = ctx->saved_data["dropout_p"].toDouble();
+    const int64_t strategy = ctx->saved_data["strategy"].toInt();
+    auto grads = xa.defined() ? call_backward_xa(grad_outputs[0], saved[0], xa, saved[1], saved[2], saved[3], scale, p,
+                                                 seed_opt, strategy, mask)
+                              : call_backward(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], scale, p,
+                                              seed_opt, strategy, mask);
     if (mask[0]) out[0] = std::get<0>(grads);
     if (mask[1]) out[1] = std::get<1>(grads);
     if (mask[2]) out[2] = std::get<2>(grads);

@@ -14,6 +14,12 @@
 //   merge_(weight(a!), lora_A, lora_B, scale) -> ()      W += scale * B A
 //   merged_weight(weight, lora_A, lora_B, scale) -> W + scale * B A
 //   dropout_mask(seed, rows, cols, p) -> bool [rows, cols] (True = kept)
+//   lora_linear_xa(same arguments as lora_linear) -> (y, xa [M, r])
+//       y as lora_linear; xa = drop01(x) A^T in the accumulation dtype, drop01 the
+//       dropout's 0/1 keep mask without the 1/(1-p) factor (all zeros for p = 1)
+//   lora_linear_backward_xa(grad_out, x, xa, weight, ...as lora_linear_backward)
+//       the gradients of lora_linear_backward, grad_B = scale/(1-p) * grad_out^T xa
+//       from the given xa instead of recomputing it from x
 //
 // Numerics (docs/design.md, "Numerics"): products accumulate in fp32 (fp64 for
 // float64 inputs), the low-rank intermediates stay in the accumulation dtype,
@@ -46,6 +52,10 @@ using GradTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at:
   const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,        \
       const at::Tensor& lora_B, double scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed, \
       int64_t strategy, std::array<bool, 5> output_mask
+#define LORA_EXT_LINEAR_BACKWARD_XA_PARAMS                                                                    \
+  const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& xa, const at::Tensor& weight,            \
+      const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,                     \
+      const std::optional<at::Tensor>& dropout_seed, int64_t strategy, std::array<bool, 5> output_mask
 // clang-format on
 
 // The checked op entries of one backend: lora_linear_<backend>, lora_linear_backward_<backend>,
@@ -60,6 +70,11 @@ using GradTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at:
 
 // CPU (csrc/cpu/lora_cpu.cpp).
 LORA_EXT_DECLARE_DENSE_OPS(cpu);
+
+// The CPU autograd pair that keeps xa = drop(x) A^T from the forward for grad_B (CPU only:
+// csrc/autograd.cpp takes it when the forward computes xa anyway).
+std::tuple<at::Tensor, at::Tensor> lora_linear_xa_cpu(LORA_EXT_LINEAR_PARAMS);
+GradTuple lora_linear_backward_xa_cpu(LORA_EXT_LINEAR_BACKWARD_XA_PARAMS);
 
 // CUDA (csrc/cuda/lora_cuda.cpp; compiled only with LORA_EXT_WITH_CUDA).
 LORA_EXT_DECLARE_DENSE_OPS(cuda);

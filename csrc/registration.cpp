@@ -13,6 +13,13 @@ TORCH_LIBRARY(lora_ext, m) {
       "lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "float scale, float dropout_p, Tensor? dropout_seed, int strategy, bool[5] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "lora_linear_xa(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, "
+      "float dropout_p, Tensor? dropout_seed, int strategy) -> (Tensor, Tensor)");
+  m.def(
+      "lora_linear_backward_xa(Tensor grad_out, Tensor x, Tensor xa, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "float scale, float dropout_p, Tensor? dropout_seed, int strategy, bool[5] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale) -> ()");
   m.def("merged_weight(Tensor weight, Tensor lora_A, Tensor lora_B, float scale) -> Tensor");
   m.def("dropout_mask(Tensor seed, int rows, int cols, float p) -> Tensor");

@@ -132,6 +132,14 @@ def _lora_backward(dev, dt):
     return [(g, x, w, a, b, 1.5, 0.25, _seed(dev), 1, [True] * 5), (g, x, w, a, b, 1.5, 0.0, None, 2, [True] * 5)]
 
 
+def _lora_backward_xa(dev, dt):
+    cases = []
+    for g, x, w, a, b, scale, p, seed, strategy, mask in _lora_backward(dev, dt):
+        _, xa = reference.lora_linear_xa(x, w, None, a, b, scale, p, seed, strategy)
+        cases.append((g, x, xa, w, a, b, scale, p, seed, strategy, mask))
+    return cases
+
+
 def _merge(dev, dt):
     _, w, a, b, _, _ = _lora(dev, dt)
     return [(w, a, b, 0.7), (_rand(dev, dt, K, N, seed=8).t(), a, b, -0.7)]  # row- and column-major W
@@ -235,6 +243,8 @@ def _lora_nf4_backward(dev, dt):
 SELFTEST_OPS: dict[str, SelfTestOp] = {
     "lora_linear": SelfTestOp(_lora_linear),
     "lora_linear_backward": SelfTestOp(_lora_backward),
+    "lora_linear_xa": SelfTestOp(_lora_linear),
+    "lora_linear_backward_xa": SelfTestOp(_lora_backward_xa),
     "merge_": SelfTestOp(_merge, inplace=True),
     "merged_weight": SelfTestOp(_merge),
     "dropout_mask": SelfTestOp(_dropout, exact=True, dtypes=("-",)),

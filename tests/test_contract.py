@@ -103,6 +103,37 @@ def test_lora_linear_same_class_on_every_path(case):
             OPS.lora_linear_backward(*bargs)
         with pytest.raises(exc, match=pattern):
             _reference.lora_linear_backward(*bargs)
+        # and so does the pair that keeps xa (the x checks come before the xa ones)
+        with pytest.raises(exc, match=pattern):
+            OPS.lora_linear_xa(*args)
+        with pytest.raises(exc, match=pattern):
+            _reference.lora_linear_xa(*args)
+        if g is not None:
+            xa = torch.zeros(op["x"].shape[0], op["lora_A"].shape[0], dtype=torch.float32)
+            xargs = [*bargs[:2], xa, *bargs[2:]]
+            with pytest.raises(exc, match=pattern):
+                OPS.lora_linear_backward_xa(*xargs)
+            with pytest.raises(exc, match=pattern):
+                _reference.lora_linear_backward_xa(*xargs)
+
+
+@pytest.mark.parametrize(
+    "xa, exc, pattern",
+    [
+        (torch.zeros(4, 3), ValueError, r"xa must be \[M, r\] = \[4, 2\].*got shape \[4, 3\]"),
+        (torch.zeros(3, 2), ValueError, r"xa must be \[M, r\] = \[4, 2\].*got shape \[3, 2\]"),
+        (torch.zeros(8), ValueError, r"xa must be \[M, r\] = \[4, 2\].*got shape \[8\]"),
+        (torch.zeros(4, 2, dtype=torch.float64), TypeError, r"xa must be torch.float32 for torch.float32 x"),
+        (torch.zeros(4, 2, dtype=torch.bfloat16), TypeError, r"xa must be torch.float32 .*got torch.bfloat16"),
+    ],
+    ids=["wrong_r", "wrong_M", "1d", "float64", "bfloat16"],
+)
+def test_saved_xa_same_class(xa, exc, pattern):
+    x, w, a, b = _good()
+    args = (torch.randn(4, 5), x, xa, w, a, b, 1.0, 0.0, None, 0, [True] * 5)
+    for fn in (OPS.lora_linear_backward_xa, _reference.lora_linear_backward_xa):
+        with pytest.raises(exc, match=pattern):
+            fn(*args)
 
 
 def test_grad_out_shape_same_class():

@@ -20,6 +20,7 @@ from conftest import (
     requires_extension,
     torch_lora,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_ext
 
@@ -162,6 +163,84 @@ def test_raw_ops_partial_masks_and_dropout(variant, dtype):
                     assert_rule(f"grad {slot} mask {mask}", got[slot], want64[idx], want[idx], dtype)
                 else:
                     assert got[slot].numel() == 0
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "lora_ext" in str(func):
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize(
+    "shape", [(37, 129, 67, 5), (70, 96, 80, 16), (520, 129, 67, 16)], ids=lambda s: "x".join(map(str, s))
+)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=[*DTYPE_IDS, "fp64"])
+def test_saved_xa_pair(variant, dtype, shape, p):
+    """lora_linear_xa gives lora_linear's y (same bits) and xa = drop(x) A^T (float64 rule);
+    lora_linear_backward_xa gives lora_linear_backward's gradients (same bits) and its grad_B
+    comes from the xa it is given."""
+    m, k, n, r = shape
+    x, w, a, b, bias = make_inputs(m, k, n, r, dtype)
+    seed = torch.tensor(2**41 + 7, dtype=torch.int64) if p else None
+    keep = lora_ext.dropout_mask(seed, m, k, p) if p else torch.ones(m, k, dtype=torch.bool)
+    g = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ops = torch.ops.lora_ext
+    for strategy in (1, 2):
+        y, xa = ops.lora_linear_xa(x, w, bias, a, b, SCALE, p, seed, strategy)
+        assert torch.equal(y, ops.lora_linear(x, w, bias, a, b, SCALE, p, seed, strategy))
+        assert xa.shape == (m, r) and xa.dtype == acc
+        ref = (x.double() * keep) @ a.double().t()
+        assert_rule("xa", xa, ref, (x.to(acc) * keep) @ a.to(acc).t(), acc)
+        for mask in ([True] * 5, [False, False, False, False, True], [True, False, True, True, False]):
+            want = ops.lora_linear_backward(g, x, w, a, b, SCALE, p, seed, strategy, mask)
+            got = ops.lora_linear_backward_xa(g, x, xa, w, a, b, SCALE, p, seed, strategy, mask)
+            for slot, (gg, ww) in enumerate(zip(got, want)):
+                assert torch.equal(gg, ww), (strategy, mask, slot)
+        # grad_B is g^T xa: twice xa (exact) gives exactly twice grad_B, the rest unchanged
+        got = ops.lora_linear_backward_xa(g, x, 2 * xa, w, a, b, SCALE, p, seed, strategy, [True] * 5)
+        want = ops.lora_linear_backward_xa(g, x, xa, w, a, b, SCALE, p, seed, strategy, [True] * 5)
+        assert torch.equal(got[4], 2 * want[4]) and all(torch.equal(u, v) for u, v in zip(got[:4], want[:4]))
+        if p < 1.0:
+            assert torch.count_nonzero(want[4]) > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_autograd_keeps_xa_when_the_forward_computes_it(variant, dtype):
+    """The CPU autograd runs the xa pair exactly when the forward computes x A^T anyway (shrink/expand,
+    or dropout) and lora_B is trainable; its gradients are the plain pair's bits."""
+    m, k, n, r = 24, 96, 80, 16  # auto: shrink/expand forward (M < K = N)
+    x, w, a, b, bias = make_inputs(m, k, n, r, dtype)
+    g = torch.randn(m, n, generator=torch.Generator().manual_seed(2)).to(dtype)
+    seed = torch.tensor(99, dtype=torch.int64)
+    cases = [  # (strategy, p, lora_B trainable, xa pair expected)
+        (0, 0.0, True, True),
+        (1, 0.0, True, True),
+        (2, 0.0, True, False),  # the merged forward computes no xa
+        (0, 0.2, True, True),
+        (0, 1.0, True, False),  # the branch is zero
+        (1, 0.0, False, False),  # nothing needs xa
+    ]
+    for strategy, p, train_b, expect in cases:
+        leaves = [x.clone().requires_grad_(True), a.clone().requires_grad_(True), b.clone().requires_grad_(train_b)]
+        with _OpLog() as log:
+            y = torch.ops.lora_ext.lora_linear(
+                leaves[0], w, bias, leaves[1], leaves[2], SCALE, p, seed if p else None, strategy
+            )
+            y.backward(g)
+        pair = ["lora_linear_xa", "lora_linear_backward_xa"] if expect else ["lora_linear", "lora_linear_backward"]
+        assert log.ops == pair, (strategy, p, train_b, log.ops)
+        mask = [True, False, False, True, train_b]
+        want = torch.ops.lora_ext.lora_linear_backward(g, x, w, a, b, SCALE, p, seed if p else None, strategy, mask)
+        assert torch.equal(y.detach(), torch.ops.lora_ext.lora_linear(x, w, bias, a, b, SCALE, p, seed, strategy))
+        assert torch.equal(leaves[0].grad, want[0]) and torch.equal(leaves[1].grad, want[3])
+        assert (leaves[2].grad is None) if not train_b else torch.equal(leaves[2].grad, want[4])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -49,6 +49,26 @@ def test_opcheck_lora_linear_backward(mask, p):
     )
 
 
+@pytest.mark.parametrize("sample", list(range(16)))
+def test_opcheck_lora_linear_xa(sample):
+    # inputs that need no gradient: the pair is autograd's own (no autograd formula of its own)
+    args = list(_lora_linear_samples(requires_grad=False))[sample]
+    torch.library.opcheck(torch.ops.lora_ext.lora_linear_xa.default, args)
+
+
+@pytest.mark.parametrize("mask", [[True] * 5, [False, False, False, False, True], [True, False, True, True, False]])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_lora_linear_backward_xa(mask, p, dtype):
+    x, w, a, b, _ = make_inputs(11, 9, 6, 2, dtype)
+    g = torch.randn(11, 6, dtype=dtype)
+    seed = _seed() if p else None
+    _, xa = torch.ops.lora_ext.lora_linear_xa(x, w, None, a, b, 0.7, p, seed, 1)
+    torch.library.opcheck(
+        torch.ops.lora_ext.lora_linear_backward_xa.default, (g, x, xa, w, a, b, 0.7, p, seed, 1, mask)
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_merge_ops_and_mask(dtype):
     _, w, a, b, _ = make_inputs(1, 9, 6, 2, dtype)

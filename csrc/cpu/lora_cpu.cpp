@@ -1,10 +1,11 @@
 // CPU implementations of the LoRA ops on top of ATen's BLAS-backed GEMMs.
 //
-// Memory contract: no [M, N] temporary besides the output; the forward saves
-// nothing (autograd keeps x and the parameters), the backward recomputes the
-// [M, r] intermediates in row chunks that stay in cache while they are used
-// twice (gb = g B feeds grad_A and, with shrink/expand, grad_x; xa = drop(x) A^T
-// feeds grad_B), so g and x are each read once for the low-rank gradients.
+// Memory contract: no [M, N] temporary besides the output; lora_linear saves
+// nothing (autograd keeps x and the parameters), lora_linear_xa also returns
+// xa = drop(x) A^T [M, r] for lora_linear_backward_xa. The backward recomputes
+// the [M, r] intermediates it is not given in row chunks that stay in cache while
+// they are used twice (gb = g B feeds grad_A and, with shrink/expand, grad_x;
+// xa feeds grad_B), so g and x are each read once for the low-rank gradients.
 //
 // Numerics: fp32 accumulation (fp64 for float64). Half and bfloat16 inputs
 // are widened chunk by chunk, multiplied in fp32 and rounded once into the
@@ -30,21 +31,40 @@ namespace {
 using at::Tensor;
 using cpu::chunk_rows;
 
-}  // namespace
+// xa = drop(x) A^T in acc (the 0/1 mask without 1/(1-p)), for x rows row0.. of the op's input.
+Tensor lowrank_xa(const Tensor& x, const Tensor& A, const DropoutParams& d, int64_t row0) {
+  const at::ScalarType acc = A.scalar_type();
+  if (d.branch_zero()) return at::zeros({x.size(0), A.size(0)}, x.options().dtype(acc));
+  if (!d.on()) return at::mm(x.to(acc), A.t());
+  const int64_t M = x.size(0), rows = chunk_rows(M, x.size(1));
+  Tensor xa = at::empty({M, A.size(0)}, x.options().dtype(acc));
+  for (int64_t m0 = 0; m0 < M; m0 += rows) {
+    const int64_t mc = std::min(rows, M - m0);
+    Tensor xa_c = xa.narrow(0, m0, mc);
+    at::mm_out(xa_c, cpu::dropped(x.narrow(0, m0, mc), acc, row0 + m0, d), A.t());
+  }
+  return xa;
+}
 
-Tensor lora_linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
-                       const Tensor& lora_B, double scale, double dropout_p, const std::optional<Tensor>& dropout_seed,
-                       int64_t strategy) {
-  check_lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+// out += scale/(1-p) * xa B^T (the low-rank forward term from a kept xa).
+void add_lowrank_from_xa(Tensor& out, const Tensor& xa, const Tensor& B, double scale, const DropoutParams& d) {
+  if (!d.branch_zero()) out.addmm_(xa, B.t(), 1.0, scale * d.factor);
+}
+
+// lora_linear (inputs checked); xa_out: also return xa = drop(x) A^T [M, r] in acc there.
+Tensor linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
+                  const Tensor& lora_B, double scale, double dropout_p, const std::optional<Tensor>& dropout_seed,
+                  int64_t strategy, Tensor* xa_out) {
   check_cpu(x, "x");
   if (fused_cpu_kernels_apply(x.scalar_type(), lora_A.size(0))) {
-    return lora_linear_cpu_fused(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+    return lora_linear_cpu_fused(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy, xa_out);
   }
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const at::ScalarType acc = acc_dtype(x);
   Tensor y = at::empty({M, N}, x.options());
+  if (xa_out != nullptr) *xa_out = at::empty({M, lora_A.size(0)}, x.options().dtype(acc));
   if (M == 0) return y;
 
-  const at::ScalarType acc = acc_dtype(x);
   const bool lowp = is_low_precision(x);
   const bool has_bias = bias.has_value() && bias->defined();
   const bool merge =
@@ -60,7 +80,12 @@ Tensor lora_linear_cpu(const Tensor& x, const Tensor& weight, const std::optiona
     } else {
       at::mm_out(y, x, W.t());
     }
-    if (!merge) cpu::add_lowrank_forward(y, x, A, B, scale, drop, 0);
+    if (xa_out != nullptr) {
+      *xa_out = lowrank_xa(x, A, drop, 0);
+      if (!merge) add_lowrank_from_xa(y, *xa_out, B, scale, drop);
+    } else if (!merge) {
+      cpu::add_lowrank_forward(y, x, A, B, scale, drop, 0);
+    }
     return y;
   }
 
@@ -72,22 +97,27 @@ Tensor lora_linear_cpu(const Tensor& x, const Tensor& weight, const std::optiona
     const int64_t mc = std::min(rows, M - m0);
     const Tensor x_c = x.narrow(0, m0, mc).to(acc);
     Tensor out = has_bias ? at::addmm(bias_acc, x_c, W.t()) : at::mm(x_c, W.t());
-    if (!merge) cpu::add_lowrank_forward(out, x_c, A, B, scale, drop, m0);
+    if (xa_out != nullptr) {
+      const Tensor xa_c = lowrank_xa(x_c, A, drop, m0);
+      xa_out->narrow(0, m0, mc).copy_(xa_c);
+      if (!merge) add_lowrank_from_xa(out, xa_c, B, scale, drop);
+    } else if (!merge) {
+      cpu::add_lowrank_forward(out, x_c, A, B, scale, drop, m0);
+    }
     y.narrow(0, m0, mc).copy_(out);
   }
   return y;
 }
 
-GradTuple lora_linear_backward_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
-                                   const Tensor& lora_B, double scale, double dropout_p,
-                                   const std::optional<Tensor>& dropout_seed, int64_t strategy,
-                                   std::array<bool, 5> output_mask) {
-  check_lora_linear(x, weight, std::nullopt, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
-  check_grad_out(grad_out, x, weight.size(0));
+// lora_linear_backward (inputs checked); xa: the forward's drop(x) A^T (acc, [M, r]), used
+// for grad_B instead of recomputing it.
+GradTuple backward_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                       const Tensor& lora_B, double scale, double dropout_p, const std::optional<Tensor>& dropout_seed,
+                       int64_t strategy, std::array<bool, 5> output_mask, const Tensor* xa) {
   check_cpu(x, "x");
   if (fused_cpu_kernels_apply(x.scalar_type(), lora_A.size(0))) {
     return lora_linear_backward_cpu_fused(grad_out, x, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy,
-                                          output_mask);
+                                          output_mask, xa);
   }
   const auto [need_x, need_w, need_bias, need_a, need_b] = output_mask;
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
@@ -130,8 +160,10 @@ GradTuple lora_linear_backward_cpu(const Tensor& grad_out, const Tensor& x, cons
 
   const bool lora_x_term = need_x && branch && !merge_dx;
   const bool need_gb = branch && (need_a || lora_x_term);
-  const bool need_xd = branch && (need_a || need_b);
-  const bool chunk_loop = need_gb || need_xd || need_bias || (lowp && (need_x || need_w));
+  const bool b_from_xa = xa != nullptr && need_b && branch;  // grad_B = g^T xa, no pass over x for it
+  const bool need_xd = branch && (need_a || (need_b && !b_from_xa));
+  Tensor no_grad_b;  // add_lowrank_backward's grad_B when it comes from xa
+  const bool chunk_loop = need_gb || need_xd || b_from_xa || need_bias || (lowp && (need_x || need_w));
   const int64_t rows = chunk_rows(M, std::max(K, N));
   for (int64_t m0 = 0; chunk_loop && m0 < M; m0 += rows) {
     const int64_t mc = std::min(rows, M - m0);
@@ -140,8 +172,10 @@ GradTuple lora_linear_backward_cpu(const Tensor& grad_out, const Tensor& x, cons
     Tensor dx_c;  // grad_x base term of the chunk: the low-rank term adds into it
     if (need_x) dx_c = lowp ? at::mm(g_c, W_dx) : grad_x.narrow(0, m0, mc);
     if (need_gb || need_xd) {
-      cpu::add_lowrank_backward(g_c, x_c, A, B, scale, drop, m0, grad_a_acc, grad_b_acc, lora_x_term ? &dx_c : nullptr);
+      cpu::add_lowrank_backward(g_c, x_c, A, B, scale, drop, m0, grad_a_acc, b_from_xa ? no_grad_b : grad_b_acc,
+                                lora_x_term ? &dx_c : nullptr);
     }
+    if (b_from_xa) grad_b_acc.addmm_(g_c.t(), xa->narrow(0, m0, mc));
     if (need_bias) grad_bias_acc.add_(g_c.sum(0));
     if (need_x && lowp) grad_x.narrow(0, m0, mc).copy_(dx_c);
     if (lowp && need_w) grad_w_acc.addmm_(g_c.t(), x_c);
@@ -152,6 +186,39 @@ GradTuple lora_linear_backward_cpu(const Tensor& grad_out, const Tensor& x, cons
   if (need_bias) grad_bias = grad_bias_acc.to(x.scalar_type());
   if (need_w && lowp) grad_w = grad_w_acc.to(weight.scalar_type());
   return {grad_x, grad_w, grad_bias, grad_a, grad_b};
+}
+
+}  // namespace
+
+Tensor lora_linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
+                       const Tensor& lora_B, double scale, double dropout_p, const std::optional<Tensor>& dropout_seed,
+                       int64_t strategy) {
+  check_lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+  return linear_cpu(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy, nullptr);
+}
+
+GradTuple lora_linear_backward_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                                   const Tensor& lora_B, double scale, double dropout_p,
+                                   const std::optional<Tensor>& dropout_seed, int64_t strategy,
+                                   std::array<bool, 5> output_mask) {
+  check_lora_linear(x, weight, std::nullopt, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+  check_grad_out(grad_out, x, weight.size(0));
+  return backward_cpu(grad_out, x, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy, output_mask,
+                      nullptr);
+}
+
+std::tuple<Tensor, Tensor> lora_linear_xa_cpu(LORA_EXT_LINEAR_PARAMS) {
+  check_lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+  Tensor xa;
+  Tensor y = linear_cpu(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy, &xa);
+  return {y, xa};
+}
+
+GradTuple lora_linear_backward_xa_cpu(LORA_EXT_LINEAR_BACKWARD_XA_PARAMS) {
+  check_lora_linear(x, weight, std::nullopt, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+  check_grad_out(grad_out, x, weight.size(0));
+  check_saved_xa(xa, x, lora_A.size(0));
+  return backward_cpu(grad_out, x, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy, output_mask, &xa);
 }
 
 namespace {
@@ -233,6 +300,8 @@ void merge_entry(Tensor weight, const Tensor& lora_A, const Tensor& lora_B, doub
 TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
   m.impl("lora_linear", &lora_linear_cpu);
   m.impl("lora_linear_backward", &backward_entry);
+  m.impl("lora_linear_xa", &lora_linear_xa_cpu);
+  m.impl("lora_linear_backward_xa", &lora_linear_backward_xa_cpu);
   m.impl("merge_", &merge_entry);
   m.impl("merged_weight", &merged_weight_cpu);
   m.impl("dropout_mask", &dropout_mask_cpu);

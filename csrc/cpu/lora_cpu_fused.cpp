@@ -178,9 +178,11 @@ std::vector<float> pack_for_expand(const Kernels& kr, const float* Q, int64_t r,
 
 // y[m, :] = base[m, :] + scale * (drop(x[m, :]) A^T) B^T for m < M (x rows row0 + m of the
 // logical input, for the dropout mask); BT = B^T [r, N] fp32 contiguous, A [r, K].
+// xa_out (or nullptr): also keep xa = drop(x) A^T (the 0/1 mask, no 1/(1-p)) there, [M, r]
+// contiguous, for the backward. out == nullptr: only that (no expand).
 void lowrank_forward(const Kernels& kr, const View& x, int64_t M, int64_t K, int64_t row0, const float* A,
                      const float* AT, int64_t r, const float* BT, int64_t N, float scale, const Drop* drop,
-                     const float* base, int64_t ldb, void* out, DT odt, int64_t ldo) {
+                     const float* base, int64_t ldb, void* out, DT odt, int64_t ldo, float* xa_out = nullptr) {
   const bool direct = x.dt == DT::kFloat32 && x.cs == 1 && drop == nullptr;
   const int64_t step = step_rows(K);
   const int64_t nsteps = (M + step - 1) / step;
@@ -188,9 +190,9 @@ void lowrank_forward(const Kernels& kr, const View& x, int64_t M, int64_t K, int
   // B^T packed once by column blocks for the merge kernel (the expand's arithmetic and bits on a
   // factor whose r x tile slice is contiguous: unpacked, its rows sit N floats apart, at N = 1024
   // all in one L1 set); a call of a few rows expands from B^T directly.
-  const std::vector<float> packed = pack_for_expand(kr, BT, r, N, M);
+  const std::vector<float> packed = out != nullptr ? pack_for_expand(kr, BT, r, N, M) : std::vector<float>();
   at::parallel_for(0, nsteps, 1, [&](int64_t s0, int64_t s1) {
-    std::vector<float> xbuf(direct ? 0 : step * K), xa(step * r);
+    std::vector<float> xbuf(direct ? 0 : step * K), xa_buf(xa_out != nullptr ? 0 : step * r);
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t m0 = s * step, mc = std::min(step, M - m0);
       const float* X = reinterpret_cast<const float*>(x.row(m0));
@@ -199,12 +201,14 @@ void lowrank_forward(const Kernels& kr, const View& x, int64_t M, int64_t K, int
         kr.stage(x.row(m0), x.dt, x.rs, x.cs, mc, K, xbuf.data(), K, row0 + m0, drop);
         X = xbuf.data(), ldx = K;
       }
-      shrink_any(kr, X, ldx, mc, K, A, AT, r, xa.data());
+      float* xa = xa_out != nullptr ? xa_out + m0 * r : xa_buf.data();
+      shrink_any(kr, X, ldx, mc, K, A, AT, r, xa);
+      if (out == nullptr) continue;
       if (!packed.empty()) {
-        kr.merge(xa.data(), r, mc, r, packed.data(), N, scale, base + m0 * ldb, DT::kFloat32, ldb,
+        kr.merge(xa, r, mc, r, packed.data(), N, scale, base + m0 * ldb, DT::kFloat32, ldb,
                  static_cast<char*>(out) + m0 * ldo * osz, odt, ldo);
       } else {
-        kr.expand(xa.data(), r, mc, r, BT, N, N, scale, base + m0 * ldb, DT::kFloat32, ldb,
+        kr.expand(xa, r, mc, r, BT, N, N, scale, base + m0 * ldb, DT::kFloat32, ldb,
                   static_cast<char*>(out) + m0 * ldo * osz, odt, ldo, 0, nullptr);
       }
     }
@@ -219,6 +223,8 @@ struct BackwardPass {
   const float* B = nullptr;   // [N, r] = (B^T)^T, used with AT (shrink_t)
   const float* BT = nullptr;  // [r, N]
   const Drop* drop = nullptr;
+  // xa = drop(x) A^T [M, r] contiguous as the forward kept it (lora_linear_xa), or nullptr: computed here
+  const float* xa_saved = nullptr;
   bool need_a = false, need_b = false, need_bias = false;
   // low-rank dx term (dx_out == nullptr: none): dx_out = dx_base + mask * dx_scale * (gb A)
   const float* dx_base = nullptr;
@@ -238,7 +244,8 @@ struct BackwardPass {
 void lowrank_backward(const Kernels& kr, const BackwardPass& a) {
   const int64_t M = a.M, K = a.K, N = a.N, r = a.r;
   if (M == 0 || !a.any()) return;
-  const bool want_x = a.need_a || a.need_b;
+  const bool shrink_x = a.need_b && a.xa_saved == nullptr;
+  const bool want_x = a.need_a || shrink_x;
   const bool want_gb = a.need_a || a.dx_out != nullptr;
   const bool x_direct = a.x.dt == DT::kFloat32 && a.x.cs == 1 && a.drop == nullptr;
   const bool g_direct = a.g.dt == DT::kFloat32 && a.g.cs == 1;
@@ -258,7 +265,7 @@ void lowrank_backward(const Kernels& kr, const BackwardPass& a) {
       a.dx_out != nullptr && a.drop == nullptr ? pack_for_expand(kr, a.A, r, K, M) : std::vector<float>();
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> xbuf(want_x && !x_direct ? step * K : 0), gbuf(g_direct ? 0 : step * N);
-    std::vector<float> xa(a.need_b ? step * r : 0), gb(want_gb ? step * r : 0);
+    std::vector<float> xa_buf(shrink_x ? step * r : 0), gb(want_gb ? step * r : 0);
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t s = nsteps * b / nblk; s < nsteps * (b + 1) / nblk; ++s) {
         const int64_t m0 = s * step, mc = std::min(step, M - m0);
@@ -277,9 +284,10 @@ void lowrank_backward(const Kernels& kr, const BackwardPass& a) {
         // Both shrinks first: each reads its chunk row by row (sequential streams the hardware
         // prefetches) the first time it is touched; the outer products, which walk the chunk in
         // column strips (rows 4 KiB apart at K = 1024), then find it in L2.
-        if (a.need_b) shrink_any(kr, X, ldx, mc, K, a.A, a.AT, r, xa.data());
+        const float* xa = a.xa_saved != nullptr ? a.xa_saved + m0 * r : xa_buf.data();
+        if (shrink_x) shrink_any(kr, X, ldx, mc, K, a.A, a.AT, r, xa_buf.data());
         if (want_gb) shrink_any(kr, G, ldg, mc, N, a.BT, a.AT != nullptr ? a.B : nullptr, r, gb.data());
-        if (a.need_b) kr.outer(xa.data(), r, G, ldg, mc, r, N, part_b + b * r * N, N);
+        if (a.need_b) kr.outer(xa, r, G, ldg, mc, r, N, part_b + b * r * N, N);
         if (a.need_a) kr.outer(gb.data(), r, X, ldx, mc, r, K, part_a + b * r * K, K);
         if (a.need_bias) kr.colsum(G, ldg, mc, N, part_bias + b * N);
         if (a.dx_out && !packed_a.empty()) {
@@ -344,10 +352,11 @@ bool fused_cpu_kernels_apply(at::ScalarType dtype, int64_t rank) {
 
 Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                              const Tensor& lora_A, const Tensor& lora_B, double scale, double dropout_p,
-                             const std::optional<Tensor>& dropout_seed, int64_t strategy) {
+                             const std::optional<Tensor>& dropout_seed, int64_t strategy, Tensor* xa_out) {
   const Kernels& kr = *cpu::active_kernels();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   Tensor y = at::empty({M, N}, x.options());
+  if (xa_out != nullptr) *xa_out = at::empty({M, r}, x.options().dtype(at::kFloat));
   if (M == 0) return y;
   const bool lowp = x.scalar_type() != at::kFloat;
   const bool has_bias = bias.has_value() && bias->defined();
@@ -357,9 +366,17 @@ Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::o
   const float branch_scale = static_cast<float>(scale * drop.factor);
   const Tensor A32 = lora_A.to(at::kFloat).contiguous(), B32 = lora_B.to(at::kFloat).contiguous();
   const bool branch = !merge && !drop.branch_zero;
+  const bool want_xa = xa_out != nullptr && !drop.branch_zero;  // p = 1: xa is 0
+  float* const xa_ptr = want_xa ? xa_out->data_ptr<float>() : nullptr;
+  if (xa_out != nullptr && !want_xa) xa_out->zero_();
   const std::vector<float> BT32 = branch ? transposed(B32) : std::vector<float>();
-  const std::vector<float> AT32 = branch && wants_shrink_t(kr, r) ? transposed(A32) : std::vector<float>();
+  const std::vector<float> AT32 = (branch || want_xa) && wants_shrink_t(kr, r) ? transposed(A32) : std::vector<float>();
   const float* at_ptr = AT32.empty() ? nullptr : AT32.data();
+  // the merged forward keeps xa with a shrink-only pass over x
+  if (want_xa && !branch) {
+    lowrank_forward(kr, view_of(x), M, K, 0, A32.data_ptr<float>(), at_ptr, r, nullptr, N, 0.0f, drop.ptr(), nullptr, 0,
+                    nullptr, DT::kFloat32, 0, xa_ptr);
+  }
 
   if (!lowp) {
     const Tensor W = merge ? merged_fp32(kr, weight, A32, B32, scale) : weight;
@@ -370,7 +387,7 @@ Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::o
     }
     if (!branch) return y;
     lowrank_forward(kr, view_of(x), M, K, 0, A32.data_ptr<float>(), at_ptr, r, BT32.data(), N, branch_scale, drop.ptr(),
-                    y.data_ptr<float>(), N, y.data_ptr(), DT::kFloat32, N);
+                    y.data_ptr<float>(), N, y.data_ptr(), DT::kFloat32, N, xa_ptr);
     return y;
   }
 
@@ -392,7 +409,8 @@ Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::o
     }
     out = out.contiguous();
     lowrank_forward(kr, offset_rows(xv, m0), mc, K, m0, A32.data_ptr<float>(), at_ptr, r, BT32.data(), N, branch_scale,
-                    drop.ptr(), out.data_ptr<float>(), N, y_c.data_ptr(), odt, N);
+                    drop.ptr(), out.data_ptr<float>(), N, y_c.data_ptr(), odt, N,
+                    xa_ptr != nullptr ? xa_ptr + m0 * r : nullptr);
   }
   return y;
 }
@@ -400,7 +418,7 @@ Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::o
 GradTuple lora_linear_backward_cpu_fused(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
                                          const Tensor& lora_A, const Tensor& lora_B, double scale, double dropout_p,
                                          const std::optional<Tensor>& dropout_seed, int64_t strategy,
-                                         std::array<bool, 5> output_mask) {
+                                         std::array<bool, 5> output_mask, const Tensor* xa) {
   const Kernels& kr = *cpu::active_kernels();
   const auto [need_x, need_w, need_bias, need_a, need_b] = output_mask;
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
@@ -437,6 +455,8 @@ GradTuple lora_linear_backward_cpu_fused(const Tensor& grad_out, const Tensor& x
   pass.A = A32.data_ptr<float>(), pass.BT = use_t ? nullptr : BT32.data();
   pass.AT = AT32.empty() ? nullptr : AT32.data(), pass.B = B32.data_ptr<float>();
   pass.drop = drop.ptr();
+  const Tensor xa32 = xa != nullptr && need_b && branch ? xa->contiguous() : Tensor();
+  pass.xa_saved = xa32.defined() ? xa32.data_ptr<float>() : nullptr;
   pass.need_a = need_a && branch, pass.need_b = need_b && branch, pass.need_bias = need_bias;
   pass.acc_a = need_a ? acc_a.data() : nullptr;
   pass.acc_bt = need_b ? acc_bt.data() : nullptr;
@@ -465,6 +485,7 @@ GradTuple lora_linear_backward_cpu_fused(const Tensor& grad_out, const Tensor& x
       Tensor dx_c = need_x ? at::mm(g_c, W_dx) : Tensor();
       BackwardPass p = pass;
       p.g = view_of(g_c), p.x = offset_rows(xv, m0), p.M = mc, p.row0 = m0;
+      if (p.xa_saved != nullptr) p.xa_saved += m0 * r;
       if (lora_x_term) {
         dx_c = dx_c.contiguous();
         p.dx_base = dx_c.data_ptr<float>(), p.dx_ldb = K;

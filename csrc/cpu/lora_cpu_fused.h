@@ -16,8 +16,11 @@ namespace lora_ext {
 bool fused_cpu_kernels_apply(at::ScalarType dtype, int64_t rank);
 
 // The CPU lora_linear / lora_linear_backward on the fused kernels (inputs already checked).
-at::Tensor lora_linear_cpu_fused(LORA_EXT_LINEAR_PARAMS);
-GradTuple lora_linear_backward_cpu_fused(LORA_EXT_LINEAR_BACKWARD_PARAMS);
+// xa_out: also return xa = drop(x) A^T (fp32 [M, r], the 0/1 mask without 1/(1-p)) there
+// (lora_linear_xa); xa: that tensor (fp32 [M, r] contiguous), used for grad_B instead of
+// recomputing it (lora_linear_backward_xa).
+at::Tensor lora_linear_cpu_fused(LORA_EXT_LINEAR_PARAMS, at::Tensor* xa_out = nullptr);
+GradTuple lora_linear_backward_cpu_fused(LORA_EXT_LINEAR_BACKWARD_PARAMS, const at::Tensor* xa = nullptr);
 
 // out = weight + scale * lora_B lora_A, accumulated in fp32 and rounded once into out's dtype
 // (out may be weight itself: the in-place merge reads and writes W once).

@@ -145,6 +145,17 @@ inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& x, int6
   check_same_dtype_device(x, "x", grad_out, "grad_out");
 }
 
+// The xa that lora_linear_xa returned for x and a rank-r adapter: [M, r] in x's accumulation
+// dtype (float64 for float64 x, else float32), on x's device (lora_ext/ops/checks.py check_saved_xa).
+inline void check_saved_xa(const at::Tensor& xa, const at::Tensor& x, int64_t r) {
+  TORCH_CHECK_VALUE(xa.dim() == 2 && xa.size(0) == x.size(0) && xa.size(1) == r, "lora_ext: xa must be [M, r] = [",
+                    x.size(0), ", ", r, "] (the xa lora_linear_xa returned), got shape ", shape_str(xa));
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_TYPE(xa.scalar_type() == acc, "lora_ext: xa must be ", dtype_str(acc), " for ",
+                   dtype_str(x.scalar_type()), " x (the accumulation dtype), got ", dtype_str(xa.scalar_type()));
+  TORCH_CHECK_TYPE(xa.device() == x.device(), "lora_ext: xa is on ", xa.device(), " but x is on ", x.device());
+}
+
 // dropout_mask(seed, rows, cols, p) (lora_ext/ops/reference.py dropout_mask).
 inline void check_dropout_mask(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
   TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong,

@@ -156,6 +156,22 @@ def check_grad_out(grad_out: Tensor, x: Tensor, weight: Tensor) -> None:
 # --------------------------------------------------------------------- NF4 storage
 
 
+def check_saved_xa(xa: Tensor, x: Tensor, rank: int) -> None:
+    """xa is what ``lora_linear_xa`` returned for x and a rank-``rank`` adapter: [M, r] in the accumulation dtype."""
+    if not isinstance(xa, Tensor):
+        raise TypeError(f"lora_ext: xa must be a torch.Tensor, got {type(xa).__name__}")
+    if xa.dim() != 2 or xa.shape[0] != x.shape[0] or xa.shape[1] != rank:
+        raise ValueError(
+            f"lora_ext: xa must be [M, r] = [{x.shape[0]}, {rank}] (the xa lora_linear_xa returned), "
+            f"got shape {_shape(xa)}"
+        )
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if xa.dtype != acc:
+        raise TypeError(f"lora_ext: xa must be {acc} for {x.dtype} x (the accumulation dtype), got {xa.dtype}")
+    if xa.device != x.device:
+        raise TypeError(f"lora_ext: xa is on {xa.device} but x is on {x.device}")
+
+
 def check_nf4_storage(storage, shape) -> None:
     """The NF4 storage (an ``NF4Args``) is self-consistent for ``shape``; raises ValueError/TypeError naming the tensor."""
     packed, absmax, nested_absmax, nested_code = (

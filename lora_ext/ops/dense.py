@@ -33,10 +33,25 @@ def _lora_linear_backward_fake(
     )
 
 
+def _lora_linear_xa_fake(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=acc)
+
+
+def _lora_linear_backward_xa_fake(
+    grad_out, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy, output_mask
+):
+    return _lora_linear_backward_fake(
+        grad_out, x, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy, output_mask
+    )
+
+
 def _lora_linear_setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy = inputs
     # Only x (alive anyway), the parameters and the seed: no activation-sized
-    # tensor and no dropout mask is kept; the backward recomputes x A^T.
+    # tensor and no dropout mask is kept; the backward recomputes x A^T. (The C++
+    # autograd of csrc/autograd.cpp, which replaces this one when the library is
+    # loaded, keeps xa = drop(x) A^T on the CPU where the forward computes it.)
     ctx.save_for_backward(x, weight, lora_A, lora_B, dropout_seed)
     ctx.scale = scale
     ctx.dropout_p = dropout_p
@@ -74,6 +89,23 @@ register(
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         reference.lora_linear_backward,
         _lora_linear_backward_fake,
+    ),
+    # The autograd pair that keeps xa = drop(x) A^T from the forward (csrc/autograd.cpp takes it
+    # on the CPU when the forward computes xa anyway); no autograd of their own.
+    OpDef(
+        "lora_linear_xa",
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, "
+        "float dropout_p, Tensor? dropout_seed, int strategy) -> (Tensor, Tensor)",
+        reference.lora_linear_xa,
+        _lora_linear_xa_fake,
+    ),
+    OpDef(
+        "lora_linear_backward_xa",
+        "(Tensor grad_out, Tensor x, Tensor xa, Tensor weight, Tensor lora_A, Tensor lora_B, float scale, "
+        "float dropout_p, Tensor? dropout_seed, int strategy, bool[5] output_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        reference.lora_linear_backward_xa,
+        _lora_linear_backward_xa_fake,
     ),
     OpDef(
         "merge_",

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .checks import check_adapter, check_grad_out, check_nf4_storage, check_op_level, check_scale
+from .checks import check_adapter, check_grad_out, check_nf4_storage, check_op_level, check_saved_xa, check_scale
 
 _MASK32 = 0xFFFFFFFF
 
@@ -142,6 +142,38 @@ def lora_linear_backward(grad_out, x, weight, lora_A, lora_B, scale, dropout_p, 
         xa = (xd @ a_acc.t()) * factor
         grad_b = (scale * (g.t() @ xa)).to(lora_B.dtype)
     return grad_x, grad_w, grad_bias, grad_a, grad_b
+
+
+def lora_linear_xa(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy):
+    """(lora_linear's y, xa [M, r] = drop01(x) A^T in the accumulation dtype).
+
+    drop01 is the dropout's 0/1 keep mask without the 1/(1-p) factor (xa is all zeros for p = 1);
+    autograd keeps xa for :func:`lora_linear_backward_xa`.
+    """
+    y = lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy)
+    acc = acc_dtype(x.dtype)
+    if dropout_p >= 1.0:
+        return y, x.new_zeros((x.shape[0], lora_A.shape[0]), dtype=acc)
+    xd, _, _ = _dropped_input(x.to(acc), dropout_p, dropout_seed)
+    return y, xd @ lora_A.to(acc).t()
+
+
+def lora_linear_backward_xa(
+    grad_out, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy, output_mask
+):
+    """lora_linear_backward's gradients with grad_B = scale/(1-p) * grad_out^T xa from the given xa."""
+    check_op_level(x, weight, lora_A, lora_B, scale, None, dropout_p, dropout_seed, strategy)
+    check_grad_out(grad_out, x, weight)
+    check_saved_xa(xa, x, lora_A.shape[0])
+    grads = list(
+        lora_linear_backward(
+            grad_out, x, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, 1, [*output_mask[:4], False]
+        )
+    )
+    if output_mask[4]:
+        factor = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
+        grads[4] = ((scale * factor) * (grad_out.to(xa.dtype).t() @ xa)).to(lora_B.dtype)
+    return tuple(grads)
 
 
 def merged_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
