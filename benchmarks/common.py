@@ -410,6 +410,16 @@ def _cpu_kernel() -> str | None:
     return None
 
 
+def _cpu_bf16_gemm() -> str | None:
+    """Where the CPU's bf16 base GEMMs run: 'native' (torch's bf16 GEMM, AMX) or 'fp32' (widened chunks)."""
+    with contextlib.suppress(Exception):
+        from lora_ext.ops import _loader
+
+        if _loader._C is not None and hasattr(_loader._C, "cpu_bf16_gemm"):
+            return "native" if _loader._C.cpu_bf16_gemm()["native"] else "fp32"
+    return None
+
+
 def metadata(s: Settings) -> dict[str, Any]:
     """The environment of this run: machine, CPU capability, GPU, versions, lora_ext build, commit, date.
 
@@ -426,6 +436,7 @@ def metadata(s: Settings) -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_isa_forced": _cpu_isa_forced(),
         "lora_ext_cpu_kernel": _cpu_kernel(),
+        "lora_ext_cpu_bf16_gemm": _cpu_bf16_gemm(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,

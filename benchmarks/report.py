@@ -538,7 +538,8 @@ def markdown(
             f"{meta['cpu']} ({meta['cpu_cores']} cores, torch threads {meta['torch_threads']}, "
             f"capability {meta.get('cpu_capability')}"
             + (f", forced by {meta['cpu_isa_forced']}" if meta.get("cpu_isa_forced") else "")
-            + f", lora_ext CPU kernels {meta.get('lora_ext_cpu_kernel')}, 1-min load at start {meta['load_avg_1m']})",
+            + f", lora_ext CPU kernels {meta.get('lora_ext_cpu_kernel')}, bf16 GEMMs {meta.get('lora_ext_cpu_bf16_gemm')}"
+            + f", 1-min load at start {meta['load_avg_1m']})",
         ],
         ["torch", f"{meta['torch']} (CUDA runtime {meta['cuda_runtime']})"],
         [

@@ -15,6 +15,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "cpu/lora_cpu_fused.h"
 #include "host/strategy.h"
 #include "ops.h"
 
@@ -65,7 +66,7 @@ bool keeps_xa(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const
   if (x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
   if (!(dropout_p >= 0.0 && dropout_p < 1.0) || strategy < kAuto || strategy > kMerge) return false;
   return !resolve_strategy(c10::DeviceType::CPU, x.size(0), weight.size(0), x.size(1), x.element_size(), dropout_p,
-                           strategy)
+                           strategy, native_bf16_gemm(x, weight, lora_A.size(0)))
               .merge_forward;
 }
 

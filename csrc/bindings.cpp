@@ -59,11 +59,16 @@ pybind11::dict build_info() {
 
 // Which strategy the kernels of `device` ("cpu", "cuda", ...) take for a shape (forward,
 // backward): host/strategy.h resolve_strategy, the very function the kernels call.
+// bf16: the weight is bf16, so the CPU may run its GEMMs natively (cpu::bf16_gemm_native(); for
+// ranks the fused kernels take, r <= 128).
 pybind11::dict strategy_plan(int64_t M, int64_t N, int64_t K, int64_t element_size, double dropout_p, int64_t strategy,
-                             const std::string& device) {
+                             const std::string& device, bool bf16) {
   lora_ext::check_strategy(strategy);
+  const c10::DeviceType type = c10::Device(device).type();
+  const bool native = type == c10::DeviceType::CPU && bf16 && lora_ext::cpu::active_kernels() != nullptr &&
+                      lora_ext::cpu::bf16_gemm_native();
   const lora_ext::StrategyPlan plan =
-      lora_ext::resolve_strategy(c10::Device(device).type(), M, N, K, element_size, dropout_p, strategy);
+      lora_ext::resolve_strategy(type, M, N, K, element_size, dropout_p, strategy, native);
   pybind11::dict out;
   out["forward"] = plan.merge_forward ? "merge" : "shrink_expand";
   out["backward"] = plan.merge_backward ? "merge" : "shrink_expand";
@@ -91,6 +96,18 @@ pybind11::dict cpu_amx() {
   return out;
 }
 
+pybind11::dict cpu_bf16_gemm() {
+  pybind11::dict out;
+  out["mode"] = lora_ext::cpu::bf16_gemm_mode();
+  out["native"] = lora_ext::cpu::active_kernels() != nullptr && lora_ext::cpu::bf16_gemm_native();
+  return out;
+}
+
+pybind11::dict set_cpu_bf16_gemm(const std::string& mode) {
+  lora_ext::cpu::set_bf16_gemm(mode);
+  return cpu_bf16_gemm();
+}
+
 // How many distinct threads one at::parallel_for of this library runs its body on: ATen's thread
 // count when the library was compiled with OpenMP (ATen/ParallelOpenMP.h), 1 when it was not (then
 // every parallel_for of the CPU kernels is a serial loop).
@@ -111,7 +128,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "How this library was built: CUDA kernels, archs, torch and CUDA versions.");
   m.def("strategy_plan", &strategy_plan, "Strategy (merge or shrink_expand) the kernels pick for forward and backward.",
         pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("element_size"),
-        pybind11::arg("dropout_p"), pybind11::arg("strategy"), pybind11::arg("device") = "cpu");
+        pybind11::arg("dropout_p"), pybind11::arg("strategy"), pybind11::arg("device") = "cpu",
+        pybind11::arg("bf16") = false);
   m.def("cpu_kernel", &lora_ext::cpu::active_kernel_name,
         "Active CPU kernel variant for the rank-r products and merge: default, avx2, avx512 or aten (fused off).");
   m.def("set_cpu_kernel", &set_cpu_kernel,
@@ -125,6 +143,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_amx", &lora_ext::cpu::set_amx,
         "Use AMX for the bf16 merge (True) or not (False); True raises ValueError where it is not available.",
         pybind11::arg("on"));
+  m.def("cpu_bf16_gemm", &cpu_bf16_gemm,
+        "Where the CPU's bf16 base GEMMs run: {'mode': 'auto' | 'native' | 'fp32' (LORA_EXT_CPU_BF16_GEMM at "
+        "start), 'native': whether they run on torch's bf16 GEMM now (auto: AMX enabled, the avx512 variant, "
+        "oneDNN on), else on fp32 chunks}.");
+  m.def("set_cpu_bf16_gemm", &set_cpu_bf16_gemm,
+        "Set where the CPU's bf16 base GEMMs run ('auto', 'native' or 'fp32'; ValueError otherwise); returns "
+        "cpu_bf16_gemm().",
+        pybind11::arg("mode"));
   m.def("parallel_threads_used", &parallel_threads_used,
         "Distinct threads one at::parallel_for of this library runs on (torch.get_num_threads() when it was "
         "compiled with OpenMP, else 1).");

@@ -364,7 +364,10 @@ def _cpu_kernels() -> str:
         amx_s = "on"
     else:
         amx_s = "available, off" + (" (enabled, but the active variant has no AMX kernel)" if amx["enabled"] else "")
-    return f"{C.cpu_kernel()} (runnable: {', '.join(k for k, v in C.cpu_kernel_variants().items() if v)}; AMX bf16 merge {amx_s})"
+    bf16 = C.cpu_bf16_gemm()
+    gemm_s = f"bf16 GEMMs {'native (torch bf16)' if bf16['native'] else 'on fp32 chunks'}, mode {bf16['mode']}"
+    runnable = ", ".join(k for k, v in C.cpu_kernel_variants().items() if v)
+    return f"{C.cpu_kernel()} (runnable: {runnable}; AMX bf16 merge {amx_s}; {gemm_s})"
 
 
 def report() -> dict[str, Any]:

@@ -455,3 +455,129 @@ def test_amx_merge_interleaved_with_torch_bf16_matmuls():
         assert torch.allclose(x @ w.t(), y0, rtol=0.05, atol=0.5)
     finally:
         C.set_cpu_amx(amx)
+
+
+# --- where the bf16 base GEMMs run (lora_ext._C.set_cpu_bf16_gemm) ---------------------------------
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(params=["fp32", "native"])
+def bf16_gemm(request):
+    """Both ways of the bf16 base GEMMs forced, on every machine: 'native' is torch's bf16 GEMM (fast
+    with AMX, slow but exact to its contract elsewhere), 'fp32' the widened chunks."""
+    C = _C()
+    before = C.cpu_bf16_gemm()["mode"]
+    assert C.set_cpu_bf16_gemm(request.param)["mode"] == request.param
+    yield request.param
+    C.set_cpu_bf16_gemm(before)
+
+
+def test_bf16_gemm_switch_reports_and_refuses():
+    C = _C()
+    before = C.cpu_bf16_gemm()["mode"]
+    kernel, amx = C.cpu_kernel(), C.cpu_amx()["enabled"]
+    try:
+        assert C.set_cpu_bf16_gemm("native") == {"mode": "native", "native": True}
+        assert C.set_cpu_bf16_gemm("fp32") == {"mode": "fp32", "native": False}
+        with pytest.raises(ValueError, match="'auto', 'native' or 'fp32', not 'amx'"):
+            C.set_cpu_bf16_gemm("amx")
+        assert C.cpu_bf16_gemm()["mode"] == "fp32"  # a refused name changes nothing
+        C.set_cpu_bf16_gemm("auto")
+        # auto: native exactly where AMX is enabled and the avx512 variant is active (oneDNN on)
+        for name in ("default", "avx2", "avx512", "aten"):
+            if not C.cpu_kernel_variants()[name]:
+                continue
+            C.set_cpu_kernel(name)
+            want = name == "avx512" and C.cpu_amx()["enabled"] and torch.backends.mkldnn.enabled
+            assert C.cpu_bf16_gemm() == {"mode": "auto", "native": want}, name
+            if name == "aten":  # the ATen path never runs the fused kernels' native way
+                assert C.set_cpu_bf16_gemm("native")["native"] is False
+                C.set_cpu_bf16_gemm("auto")
+        if C.cpu_amx()["enabled"] and C.cpu_kernel_variants()["avx512"]:
+            C.set_cpu_kernel("avx512")
+            C.set_cpu_amx(False)
+            assert C.cpu_bf16_gemm()["native"] is False
+            C.set_cpu_amx(True)
+            assert C.cpu_bf16_gemm()["native"] is True
+    finally:
+        C.set_cpu_amx(amx)
+        C.set_cpu_kernel(kernel)
+        C.set_cpu_bf16_gemm(before)
+
+
+def test_bf16_native_strategy_never_merges(bf16_gemm):
+    """With the native bf16 GEMM the auto strategy keeps shrink/expand (a merged W_eff would take the
+    fp32 GEMM); fp32 mode and fp16 keep the byte model; a forced merge still merges."""
+    big = dict(m=8192, n=1024, k=1024)
+    native = _C().cpu_bf16_gemm()["native"]
+    merged = {"forward": "merge", "backward": "merge"}
+    shrink = {"forward": "shrink_expand", "backward": "shrink_expand"}
+    assert lora_ext.strategy_plan(**big, dtype=BF16) == (shrink if native else merged)
+    assert lora_ext.strategy_plan(**big, dtype=torch.float16) == merged
+    assert lora_ext.strategy_plan(**big, dtype=BF16, strategy="merge") == merged
+
+
+@pytest.mark.parametrize("strategy", ["auto", "shrink_expand", "merge"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bf16_gemm_forward_and_grads(variant, bf16_gemm, shape, strategy):
+    """bf16 forward and every gradient against float64 with the tolerance rule, both GEMM ways (native:
+    y and grad_x rounded twice, within the rule) on odd shapes, r = 1 ... 128 and the ATen r = 129."""
+    m, k, n, r = shape
+    inputs = make_inputs(m, k, n, r, BF16, bias=True)
+    _check_all(BF16, inputs, lambda x, w, a, b, bb: lora_ext.lora_linear(x, w, a, b, SCALE, bias=bb, strategy=strategy))
+
+
+@pytest.mark.parametrize(
+    "shape", [(45, 70, 33, 4), (40, 129, 67, 16), (9, 136, 40, 128)], ids=lambda s: "x".join(map(str, s))
+)
+def test_bf16_gemm_dropout_partial_masks_and_saved_xa(variant, bf16_gemm, shape):
+    m, k, n, r = shape
+    p = 0.3
+    inputs, keep, fused = dropout_case(m, k, n, r, BF16, p, SCALE)
+    _check_all(BF16, inputs, fused, keep=keep, p=p)
+    x, w, a, b, bias = make_inputs(m, k, n, r, BF16)
+    seed = torch.tensor(2**33 + 5, dtype=torch.int64)
+    g = torch.randn(m, n, generator=torch.Generator().manual_seed(8)).to(BF16)
+    g_exp = torch.randn(1, n, generator=torch.Generator().manual_seed(9)).to(BF16).expand(m, n)  # stride 0
+    ops = torch.ops.lora_ext
+    for pp, sd in ((0.0, None), (p, seed)):
+        y, xa = ops.lora_linear_xa(x, w, bias, a, b, SCALE, pp, sd, 0)
+        assert torch.equal(y, ops.lora_linear(x, w, bias, a, b, SCALE, pp, sd, 0))
+        for gg in (g, g_exp):
+            for mask in ([True] * 5, [False, True, False, True, True], [True, False, True, False, False]):
+                want = ops.lora_linear_backward(gg, x, w, a, b, SCALE, pp, sd, 0, mask)
+                got = ops.lora_linear_backward_xa(gg, x, xa, w, a, b, SCALE, pp, sd, 0, mask)
+                assert all(torch.equal(u, v) for u, v in zip(got, want)), mask
+                keep = lora_ext.dropout_mask(sd, m, k, pp) if pp else None
+                leaves64 = [t.double().requires_grad_(True) for t in (x, w, a, b)]
+                y64 = torch_lora(*leaves64, SCALE, bias.double(), keep=keep, p=pp)
+                want64 = torch.autograd.grad(y64, leaves64, gg.double())
+                leaves = [t.clone().requires_grad_(True) for t in (x, w, a, b)]
+                plain = torch.autograd.grad(torch_lora(*leaves, SCALE, bias, keep=keep, p=pp), leaves, gg)
+                for slot, idx in ((0, 0), (1, 1), (3, 2), (4, 3)):
+                    if mask[slot]:
+                        assert_rule(f"grad {slot} mask {mask}", got[slot], want64[idx], plain[idx], BF16)
+
+
+@pytest.mark.parametrize("shape", [(37, 129, 67, 5), (300, 64, 48, 16)], ids=lambda s: "x".join(map(str, s)))
+def test_bf16_native_gemm_is_torchs(variant, shape):
+    """In native mode the base GEMMs are torch's bf16 ones: with lora_B = 0 (the branch adds exactly 0)
+    y, grad_x and grad_W carry the bits of torch.addmm / torch.mm in bf16."""
+    C = _C()
+    before = C.cpu_bf16_gemm()["mode"]
+    m, k, n, r = shape
+    x, w, a, b, bias = make_inputs(m, k, n, r, BF16)
+    b = torch.zeros_like(b)
+    g = torch.randn(m, n, generator=torch.Generator().manual_seed(5)).to(BF16)
+    try:
+        C.set_cpu_bf16_gemm("native")
+        if C.cpu_kernel() == "aten":
+            pytest.skip("the ATen path has no native way")
+        ops = torch.ops.lora_ext
+        for strategy in (0, 1):
+            y = ops.lora_linear(x, w, bias, a, b, SCALE, 0.0, None, strategy)
+            assert torch.equal(y, torch.addmm(bias, x, w.t()))
+            gx, gw, _, _, _ = ops.lora_linear_backward(g, x, w, a, b, SCALE, 0.0, None, strategy, [True] * 5)
+            assert torch.equal(gx, torch.mm(g, w)) and torch.equal(gw, torch.mm(g.t(), x))
+    finally:
+        C.set_cpu_bf16_gemm(before)

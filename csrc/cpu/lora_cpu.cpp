@@ -9,7 +9,8 @@
 //
 // Numerics: fp32 accumulation (fp64 for float64). Half and bfloat16 inputs
 // are widened chunk by chunk, multiplied in fp32 and rounded once into the
-// output, so no output is rounded twice.
+// output, so no output is rounded twice (this ATen path; the fused path's native
+// bf16 GEMM, cpu::bf16_gemm_native(), rounds y and grad_x twice).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

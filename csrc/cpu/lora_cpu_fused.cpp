@@ -3,7 +3,9 @@
 // Forward, shrink/expand: the base GEMM (ATen) writes y; then one pass over row steps
 // of x computes xa = drop(x) A^T from the step while it is in cache (the dropout mask is
 // generated in the same pass from the hash) and adds s * xa B^T into y (fp32), or into
-// the fp32 GEMM chunk before the single rounding to bf16/fp16.
+// the fp32 GEMM chunk before the single rounding to bf16/fp16; with the native bf16 GEMM
+// (cpu::bf16_gemm_native()) the base GEMM writes bf16 y and the term is added to it in place
+// (read, added in fp32, rounded again), and the backward's g W likewise.
 // Backward: one pass over row steps of g and x: gb = g B, dB^T += xa^T g, dA += gb^T
 // drop(x), grad_bias += column sums of g, and (shrink/expand) dx += s mask (gb A) into
 // the base GEMM's dx. Each thread owns one block of consecutive steps and its own fp32
@@ -182,11 +184,11 @@ std::vector<float> pack_for_expand(const Kernels& kr, const float* Q, int64_t r,
 // contiguous, for the backward. out == nullptr: only that (no expand).
 void lowrank_forward(const Kernels& kr, const View& x, int64_t M, int64_t K, int64_t row0, const float* A,
                      const float* AT, int64_t r, const float* BT, int64_t N, float scale, const Drop* drop,
-                     const float* base, int64_t ldb, void* out, DT odt, int64_t ldo, float* xa_out = nullptr) {
+                     const void* base, DT bdt, int64_t ldb, void* out, DT odt, int64_t ldo, float* xa_out = nullptr) {
   const bool direct = x.dt == DT::kFloat32 && x.cs == 1 && drop == nullptr;
   const int64_t step = step_rows(K);
   const int64_t nsteps = (M + step - 1) / step;
-  const int64_t osz = cpu::dt_size(odt);
+  const int64_t osz = cpu::dt_size(odt), bsz = cpu::dt_size(bdt);
   // B^T packed once by column blocks for the merge kernel (the expand's arithmetic and bits on a
   // factor whose r x tile slice is contiguous: unpacked, its rows sit N floats apart, at N = 1024
   // all in one L1 set); a call of a few rows expands from B^T directly.
@@ -205,10 +207,10 @@ void lowrank_forward(const Kernels& kr, const View& x, int64_t M, int64_t K, int
       shrink_any(kr, X, ldx, mc, K, A, AT, r, xa);
       if (out == nullptr) continue;
       if (!packed.empty()) {
-        kr.merge(xa, r, mc, r, packed.data(), N, scale, base + m0 * ldb, DT::kFloat32, ldb,
+        kr.merge(xa, r, mc, r, packed.data(), N, scale, static_cast<const char*>(base) + m0 * ldb * bsz, bdt, ldb,
                  static_cast<char*>(out) + m0 * ldo * osz, odt, ldo);
       } else {
-        kr.expand(xa, r, mc, r, BT, N, N, scale, base + m0 * ldb, DT::kFloat32, ldb,
+        kr.expand(xa, r, mc, r, BT, N, N, scale, static_cast<const char*>(base) + m0 * ldb * bsz, bdt, ldb,
                   static_cast<char*>(out) + m0 * ldo * osz, odt, ldo, 0, nullptr);
       }
     }
@@ -227,7 +229,9 @@ struct BackwardPass {
   const float* xa_saved = nullptr;
   bool need_a = false, need_b = false, need_bias = false;
   // low-rank dx term (dx_out == nullptr: none): dx_out = dx_base + mask * dx_scale * (gb A)
-  const float* dx_base = nullptr;
+  // (dx_base of dtype dx_bdt; it may be dx_out itself)
+  const void* dx_base = nullptr;
+  DT dx_bdt = DT::kFloat32;
   int64_t dx_ldb = 0;
   void* dx_out = nullptr;
   DT dx_dt = DT::kFloat32;
@@ -259,7 +263,7 @@ void lowrank_backward(const Kernels& kr, const BackwardPass& a) {
   float* const part_a = direct ? a.acc_a : pa.data();
   float* const part_b = direct ? a.acc_bt : pb.data();
   float* const part_bias = direct ? a.acc_bias : pbias.data();
-  const int64_t dx_osz = cpu::dt_size(a.dx_dt);
+  const int64_t dx_osz = cpu::dt_size(a.dx_dt), dx_bsz = cpu::dt_size(a.dx_bdt);
   // the dx term without a mask through the merge kernel on A packed once (see lowrank_forward)
   const std::vector<float> packed_a =
       a.dx_out != nullptr && a.drop == nullptr ? pack_for_expand(kr, a.A, r, K, M) : std::vector<float>();
@@ -291,10 +295,12 @@ void lowrank_backward(const Kernels& kr, const BackwardPass& a) {
         if (a.need_a) kr.outer(gb.data(), r, X, ldx, mc, r, K, part_a + b * r * K, K);
         if (a.need_bias) kr.colsum(G, ldg, mc, N, part_bias + b * N);
         if (a.dx_out && !packed_a.empty()) {
-          kr.merge(gb.data(), r, mc, r, packed_a.data(), K, a.dx_scale, a.dx_base + m0 * a.dx_ldb, DT::kFloat32,
-                   a.dx_ldb, static_cast<char*>(a.dx_out) + m0 * a.dx_ldo * dx_osz, a.dx_dt, a.dx_ldo);
+          kr.merge(gb.data(), r, mc, r, packed_a.data(), K, a.dx_scale,
+                   static_cast<const char*>(a.dx_base) + m0 * a.dx_ldb * dx_bsz, a.dx_bdt, a.dx_ldb,
+                   static_cast<char*>(a.dx_out) + m0 * a.dx_ldo * dx_osz, a.dx_dt, a.dx_ldo);
         } else if (a.dx_out) {
-          kr.expand(gb.data(), r, mc, r, a.A, K, K, a.dx_scale, a.dx_base + m0 * a.dx_ldb, DT::kFloat32, a.dx_ldb,
+          kr.expand(gb.data(), r, mc, r, a.A, K, K, a.dx_scale,
+                    static_cast<const char*>(a.dx_base) + m0 * a.dx_ldb * dx_bsz, a.dx_bdt, a.dx_ldb,
                     static_cast<char*>(a.dx_out) + m0 * a.dx_ldo * dx_osz, a.dx_dt, a.dx_ldo, a.row0 + m0, a.drop);
         }
       }
@@ -350,6 +356,11 @@ bool fused_cpu_kernels_apply(at::ScalarType dtype, int64_t rank) {
   return cpu::active_kernels() != nullptr;
 }
 
+bool native_bf16_gemm(const Tensor& x, const Tensor& weight, int64_t rank) {
+  return x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
+         fused_cpu_kernels_apply(at::kBFloat16, rank) && cpu::bf16_gemm_native();
+}
+
 Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                              const Tensor& lora_A, const Tensor& lora_B, double scale, double dropout_p,
                              const std::optional<Tensor>& dropout_seed, int64_t strategy, Tensor* xa_out) {
@@ -360,8 +371,9 @@ Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::o
   if (M == 0) return y;
   const bool lowp = x.scalar_type() != at::kFloat;
   const bool has_bias = bias.has_value() && bias->defined();
+  const bool native_gemm = native_bf16_gemm(x, weight, r);
   const bool merge =
-      resolve_strategy(c10::DeviceType::CPU, M, N, K, x.element_size(), dropout_p, strategy).merge_forward;
+      resolve_strategy(c10::DeviceType::CPU, M, N, K, x.element_size(), dropout_p, strategy, native_gemm).merge_forward;
   const DropoutArgs drop = make_dropout(dropout_p, dropout_seed);
   const float branch_scale = static_cast<float>(scale * drop.factor);
   const Tensor A32 = lora_A.to(at::kFloat).contiguous(), B32 = lora_B.to(at::kFloat).contiguous();
@@ -374,8 +386,8 @@ Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::o
   const float* at_ptr = AT32.empty() ? nullptr : AT32.data();
   // the merged forward keeps xa with a shrink-only pass over x
   if (want_xa && !branch) {
-    lowrank_forward(kr, view_of(x), M, K, 0, A32.data_ptr<float>(), at_ptr, r, nullptr, N, 0.0f, drop.ptr(), nullptr, 0,
-                    nullptr, DT::kFloat32, 0, xa_ptr);
+    lowrank_forward(kr, view_of(x), M, K, 0, A32.data_ptr<float>(), at_ptr, r, nullptr, N, 0.0f, drop.ptr(), nullptr,
+                    DT::kFloat32, 0, nullptr, DT::kFloat32, 0, xa_ptr);
   }
 
   if (!lowp) {
@@ -387,7 +399,24 @@ Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::o
     }
     if (!branch) return y;
     lowrank_forward(kr, view_of(x), M, K, 0, A32.data_ptr<float>(), at_ptr, r, BT32.data(), N, branch_scale, drop.ptr(),
-                    y.data_ptr<float>(), N, y.data_ptr(), DT::kFloat32, N, xa_ptr);
+                    y.data_ptr(), DT::kFloat32, N, y.data_ptr(), DT::kFloat32, N, xa_ptr);
+    return y;
+  }
+
+  const View xv = view_of(x);
+  const DT odt = dt_of(x.scalar_type());
+  const int64_t rows = gemm_chunk_rows(M, std::max(K, N));
+  if (native_gemm && !merge) {
+    // bf16 base GEMM natively (oneDNN, AMX) into y; then the branch added in fp32 to each rounded
+    // element of y, in place, and the sum rounded into y again.
+    if (has_bias) {
+      at::addmm_out(y, *bias, x, weight.t());
+    } else {
+      at::mm_out(y, x, weight.t());
+    }
+    if (!branch) return y;
+    lowrank_forward(kr, xv, M, K, 0, A32.data_ptr<float>(), at_ptr, r, BT32.data(), N, branch_scale, drop.ptr(),
+                    y.data_ptr(), odt, N, y.data_ptr(), odt, N, xa_ptr);
     return y;
   }
 
@@ -395,9 +424,6 @@ Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::o
   // and the sum rounded once into y.
   const Tensor W = merge ? merged_fp32(kr, weight, A32, B32, scale) : weight.to(at::kFloat);
   const Tensor bias_acc = has_bias ? bias->to(at::kFloat) : Tensor();
-  const View xv = view_of(x);
-  const DT odt = dt_of(x.scalar_type());
-  const int64_t rows = gemm_chunk_rows(M, std::max(K, N));
   for (int64_t m0 = 0; m0 < M; m0 += rows) {
     const int64_t mc = std::min(rows, M - m0);
     const Tensor x_c = x.narrow(0, m0, mc).to(at::kFloat);
@@ -409,7 +435,7 @@ Tensor lora_linear_cpu_fused(const Tensor& x, const Tensor& weight, const std::o
     }
     out = out.contiguous();
     lowrank_forward(kr, offset_rows(xv, m0), mc, K, m0, A32.data_ptr<float>(), at_ptr, r, BT32.data(), N, branch_scale,
-                    drop.ptr(), out.data_ptr<float>(), N, y_c.data_ptr(), odt, N,
+                    drop.ptr(), out.data_ptr(), DT::kFloat32, N, y_c.data_ptr(), odt, N,
                     xa_ptr != nullptr ? xa_ptr + m0 * r : nullptr);
   }
   return y;
@@ -426,9 +452,11 @@ GradTuple lora_linear_backward_cpu_fused(const Tensor& grad_out, const Tensor& x
   const DropoutArgs drop = make_dropout(dropout_p, dropout_seed);
   const bool branch = !drop.branch_zero;
   const float branch_scale = static_cast<float>(scale * drop.factor);
+  const bool native_gemm = native_bf16_gemm(x, weight, r);
   const bool merge_dx =
       need_x && branch &&
-      resolve_strategy(c10::DeviceType::CPU, M, N, K, x.element_size(), dropout_p, strategy).merge_backward;
+      resolve_strategy(c10::DeviceType::CPU, M, N, K, x.element_size(), dropout_p, strategy, native_gemm)
+          .merge_backward;
   const bool lora_x_term = need_x && branch && !merge_dx;
   const Tensor A32 = lora_A.to(at::kFloat).contiguous(), B32 = lora_B.to(at::kFloat).contiguous();
   // g B from B itself through shrink_t (with x A^T on A^T), else from B^T through shrink: one of the two
@@ -445,8 +473,10 @@ GradTuple lora_linear_backward_cpu_fused(const Tensor& grad_out, const Tensor& x
   std::vector<float> acc_bt(need_b ? static_cast<size_t>(r * N) : 0, 0.0f);
   Tensor acc_bias = need_bias ? at::zeros({N}, f32) : Tensor();
 
+  // bf16 base GEMMs natively (oneDNN, AMX) unless a forced merge needs the fp32 W_eff
+  const bool native = native_gemm && !merge_dx;
   Tensor W_dx;
-  if (need_x && M > 0) {
+  if (need_x && M > 0 && !native) {
     W_dx = merge_dx ? merged_fp32(kr, weight, A32, B32, scale) : (lowp ? weight.to(at::kFloat) : weight);
   }
 
@@ -470,6 +500,18 @@ GradTuple lora_linear_backward_cpu_fused(const Tensor& grad_out, const Tensor& x
     if (lora_x_term && M > 0) {
       pass.dx_base = grad_x.data_ptr<float>(), pass.dx_ldb = K;
       pass.dx_out = grad_x.data_ptr(), pass.dx_dt = DT::kFloat32, pass.dx_ldo = K;
+    }
+    lowrank_backward(kr, pass);
+  } else if (native && (need_x || need_w)) {
+    // grad_x = g W and grad_W = g^T x on torch's bf16 GEMM, rounded; the low-rank term of grad_x
+    // is added to the widened chunk of g W in fp32 and the sum rounded again.
+    if (need_x && M > 0) at::mm_out(grad_x, grad_out, weight);
+    if (need_w) grad_w = at::mm(grad_out.t(), x);
+    pass.g = view_of(grad_out), pass.x = view_of(x), pass.M = M, pass.row0 = 0;
+    if (lora_x_term && M > 0) {  // in place: each rounded element of g W read, the term added, rounded
+      const DT xdt = dt_of(x.scalar_type());
+      pass.dx_base = grad_x.data_ptr(), pass.dx_bdt = xdt, pass.dx_ldb = K;
+      pass.dx_out = grad_x.data_ptr(), pass.dx_dt = xdt, pass.dx_ldo = K;
     }
     lowrank_backward(kr, pass);
   } else if (need_x || need_w) {

@@ -15,6 +15,11 @@ namespace lora_ext {
 
 bool fused_cpu_kernels_apply(at::ScalarType dtype, int64_t rank);
 
+// Whether the CPU lora_linear of x, weight and a rank-`rank` adapter runs its base GEMMs
+// natively in bf16 (cpu::bf16_gemm_native(), csrc/cpu/kernels/lowrank.h): x and weight bf16 and
+// the fused kernels in use. The auto strategy then never merges (host/strategy.h).
+bool native_bf16_gemm(const at::Tensor& x, const at::Tensor& weight, int64_t rank);
+
 // The CPU lora_linear / lora_linear_backward on the fused kernels (inputs already checked).
 // xa_out: also return xa = drop(x) A^T (fp32 [M, r], the 0/1 mask without 1/(1-p)) there
 // (lora_linear_xa); xa: that tensor (fp32 [M, r] contiguous), used for grad_B instead of

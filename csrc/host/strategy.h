@@ -31,6 +31,11 @@
 // later than 3 predicts (merge 0.4 - 1.0 % slower at M = 2 N, faster from 3 N on, on
 // both capabilities), so the CPU backward takes c_bwd = 4.5 (merge from M > 2.25 N).
 // CUDA keeps 3 for both: no GPU measurement yet.
+//
+// native_lowp_gemm: the CPU runs the bf16 base GEMMs natively (cpu::bf16_gemm_native(), AMX):
+// then auto never merges, since the merged W_eff (fp32, see weff_size) would take the fp32 GEMM,
+// about 4x slower than the native bf16 one, and a W_eff rounded to bf16 would lose the part of
+// s B A below half a step of W. A forced merge still merges (on the fp32 way).
 #pragma once
 
 #include <c10/core/DeviceType.h>
@@ -60,11 +65,12 @@ inline int64_t weff_size(c10::DeviceType device, int64_t elem_size) {
 // The strategy the kernels of `device` take for x [M, K], weight [N, K] of
 // `elem_size`-byte elements. `requested` was validated by the op's checks.
 inline StrategyPlan resolve_strategy(c10::DeviceType device, int64_t M, int64_t N, int64_t K, int64_t elem_size,
-                                     double dropout_p, int64_t requested) {
+                                     double dropout_p, int64_t requested, bool native_lowp_gemm = false) {
   TORCH_INTERNAL_ASSERT(requested >= kAuto && requested <= kMerge, "lora_ext: unchecked strategy ", requested);
   StrategyPlan plan;
   if (dropout_p > 0.0 || requested == kShrinkExpand) return plan;
   if (requested == kMerge) return {true, true};
+  if (native_lowp_gemm) return plan;
   const double weff_bytes = double(N) * double(K) * double(weff_size(device, elem_size));
   const double fwd_shrink_bytes = (double(M) * double(K) + 2.0 * double(M) * double(N)) * double(elem_size);
   const double bwd_shrink_bytes = 2.0 * double(M) * double(K) * double(elem_size);

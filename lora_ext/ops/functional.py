@@ -166,14 +166,19 @@ def strategy_plan(
     ``resolve_strategy`` in csrc/host/strategy.h (the function the kernels
     call; docs/design.md §2), or ``{"forward": "reference", "backward": "reference"}``
     when the compiled library is not loaded (the fallback has a single formula).
+    For a bf16 weight on a CPU whose bf16 GEMMs run natively (``lora_ext._C.cpu_bf16_gemm()``,
+    AMX) auto is shrink_expand (for ranks up to 128, which the fused kernels take).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"lora_ext: strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
     if not _loader.extension_loaded():
         return {"forward": "reference", "backward": "reference"}
     elem = torch.empty((), dtype=dtype).element_size()
+    kind = torch.device(device).type
     return dict(
-        _loader._C.strategy_plan(m, n, k, elem, float(dropout_p), STRATEGIES[strategy], torch.device(device).type)
+        _loader._C.strategy_plan(
+            m, n, k, elem, float(dropout_p), STRATEGIES[strategy], kind, bf16=dtype == torch.bfloat16
+        )
     )
 
 

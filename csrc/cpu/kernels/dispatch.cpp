@@ -12,10 +12,12 @@
 //
 // The start value comes from LORA_EXT_CPU_KERNEL (unset or "auto": auto); set_kernel()
 // (exposed as lora_ext._C.set_cpu_kernel) changes it at run time.
+#include <ATen/Context.h>
 #include <ATen/Version.h>
 #include <c10/util/Exception.h>
 
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
 #include <mutex>
 #include <string>
@@ -169,6 +171,72 @@ void set_amx(bool on) {
                     "lora_ext: AMX needs a CPU with AMX-TILE and AMX-BF16 and an OS that grants the tile state; "
                     "this one does not");
   g_amx.store(on ? 1 : 0, std::memory_order_release);
+}
+
+namespace {
+enum Bf16Gemm : int { kBf16Unread = -1, kBf16Auto = 0, kBf16Native = 1, kBf16Fp32 = 2 };
+std::atomic<int> g_bf16_gemm{kBf16Unread};
+
+int parse_bf16_gemm(const std::string& mode) {
+  if (mode == "auto") return kBf16Auto;
+  if (mode == "native") return kBf16Native;
+  if (mode == "fp32") return kBf16Fp32;
+  return kBf16Unread;
+}
+
+int bf16_gemm_setting() {
+  int v = g_bf16_gemm.load(std::memory_order_acquire);
+  if (v == kBf16Unread) {
+    const char* env = std::getenv("LORA_EXT_CPU_BF16_GEMM");
+    v = env != nullptr && *env != '\0' ? parse_bf16_gemm(env) : kBf16Auto;
+    TORCH_CHECK_VALUE(v != kBf16Unread, "lora_ext: LORA_EXT_CPU_BF16_GEMM must be auto, native or fp32, not '", env,
+                      "'");
+    g_bf16_gemm.store(v, std::memory_order_release);
+  }
+  return v;
+}
+
+// Whether a oneDNN ISA cap in the environment still allows AMX (oneDNN reads it once per process).
+bool onednn_isa_allows_amx() {
+  for (const char* var : {"ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"}) {
+    const char* env = std::getenv(var);
+    if (env == nullptr || *env == '\0') continue;
+    std::string isa(env);
+    for (char& c : isa) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    if (isa != "ALL" && isa.find("AMX") == std::string::npos) return false;
+  }
+  return true;
+}
+}  // namespace
+
+bool bf16_gemm_native() {
+  switch (bf16_gemm_setting()) {
+    case kBf16Native:
+      return true;
+    case kBf16Fp32:
+      return false;
+    default:
+      return amx_enabled() && current() == kAvx512 && at::globalContext().userEnabledMkldnn() &&
+             onednn_isa_allows_amx();
+  }
+}
+
+std::string bf16_gemm_mode() {
+  switch (bf16_gemm_setting()) {
+    case kBf16Native:
+      return "native";
+    case kBf16Fp32:
+      return "fp32";
+    default:
+      return "auto";
+  }
+}
+
+void set_bf16_gemm(const std::string& mode) {
+  const int v = parse_bf16_gemm(mode);
+  TORCH_CHECK_VALUE(v != kBf16Unread, "lora_ext: set_cpu_bf16_gemm: the mode must be 'auto', 'native' or 'fp32', not '",
+                    mode, "'");
+  g_bf16_gemm.store(v, std::memory_order_release);
 }
 
 }  // namespace cpu

@@ -162,5 +162,22 @@ bool cpu_has_amx();
 bool amx_enabled();
 void set_amx(bool on);
 
+// Where the bf16 base GEMMs (x W^T, g W, g^T x) of the fused CPU path run. "fp32": on fp32 chunks
+// widened from bf16 (MKL's fp32 GEMM), the low-rank term added to the fp32 chunk, each output
+// rounded once. "native": torch's bf16 GEMM (oneDNN, AMX tiles where the CPU has AMX-BF16, about
+// 4x the fp32 GEMM there), its bf16 result widened and the low-rank term added in fp32, rounded
+// again: y and grad_x are rounded twice (grad_W once), and the auto strategy never merges (a
+// merged W_eff would be fp32 or a rounded bf16). "auto" (the initial mode, or LORA_EXT_CPU_BF16_GEMM
+// = auto | native | fp32): native where it is fast, that is AMX enabled (see above), the avx512
+// variant active (a forced avx2 or default variant behaves as on a CPU without AMX), torch's
+// oneDNN enabled (torch.backends.mkldnn.enabled) and ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA, if set,
+// naming an AMX ISA (or ALL). Without AMX (AVX512-BF16 alone, AVX-512, AVX2) torch's bf16 GEMM was
+// measured 1.7x to 300x slower than the fp32 one (docs/design.md). fp16 always takes the fp32 way.
+bool bf16_gemm_native();
+// The mode set ("auto", "native" or "fp32").
+std::string bf16_gemm_mode();
+// Set the mode; throws ValueError for another name.
+void set_bf16_gemm(const std::string& mode);
+
 }  // namespace cpu
 }  // namespace lora_ext
