@@ -56,8 +56,8 @@ GradTuple call_backward_xa(LORA_EXT_LINEAR_BACKWARD_XA_PARAMS) {
 
 // Whether the forward keeps xa for the backward (see the top of this file): CPU, lora_B
 // trainable, concrete sizes (a torch.compile trace with symbolic M keeps the plain pair),
-// a branch that is not identically zero, and the shrink/expand forward (the merged one
-// does not compute xa). Arguments the op would reject take the plain pair, whose checks
+// a branch that is not identically zero, the fused CPU kernels, and the shrink/expand forward
+// (the merged one does not compute xa). Arguments the op would reject take the plain pair, whose checks
 // raise the op's own errors.
 bool keeps_xa(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B, double dropout_p,
               int64_t strategy) {
@@ -65,6 +65,9 @@ bool keeps_xa(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const
   if (x.dim() != 2 || weight.dim() != 2 || lora_A.dim() != 2) return false;
   if (x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
   if (!(dropout_p >= 0.0 && dropout_p < 1.0) || strategy < kAuto || strategy > kMerge) return false;
+  // the fused kernels compute xa on the way; the ATen path (fp64, r > 128, the "aten" variant) would
+  // pay an extra product for it (csrc/cpu/lora_cpu.cpp)
+  if (!fused_cpu_kernels_apply(x.scalar_type(), lora_A.size(0))) return false;
   return !resolve_strategy(c10::DeviceType::CPU, x.size(0), weight.size(0), x.size(1), x.element_size(), dropout_p,
                            strategy, native_bf16_gemm(x, weight, lora_A.size(0)))
               .merge_forward;
@@ -72,11 +75,12 @@ bool keeps_xa(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const
 
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
  public:
-  static Tensor forward(AutogradContext* ctx, LORA_EXT_LINEAR_PARAMS) {
+  // keep_xa: decided by the caller, where grad mode is still visible (apply turns it off here).
+  static Tensor forward(AutogradContext* ctx, LORA_EXT_LINEAR_PARAMS, bool keep_xa) {
     Tensor y, xa;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      if (keeps_xa(x, weight, lora_A, lora_B, dropout_p, strategy)) {
+      if (keep_xa) {
         std::tie(y, xa) = call_forward_xa(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
       } else {
         y = call_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
@@ -100,7 +104,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     const std::array<bool, 5> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       has_bias && ctx->needs_input_grad(2), ctx->needs_input_grad(a_edge),
                                       ctx->needs_input_grad(a_edge + 1)};
-    variable_list out(9);  // one per forward argument; undefined = no gradient
+    variable_list out(10);  // one per forward argument (keep_xa included); undefined = no gradient
     if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) return out;
     const Tensor& seed = saved[4];
     const std::optional<Tensor> seed_opt = seed.defined() ? std::optional<Tensor>(seed) : std::nullopt;
@@ -121,7 +125,9 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
 };
 
 Tensor lora_linear_autograd(LORA_EXT_LINEAR_PARAMS) {
-  return LoraLinearFunction::apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy);
+  // no graph (torch.no_grad, inference): nothing to keep xa for
+  const bool keep_xa = at::GradMode::is_enabled() && keeps_xa(x, weight, lora_A, lora_B, dropout_p, strategy);
+  return LoraLinearFunction::apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, strategy, keep_xa);
 }
 
 }  // namespace

@@ -178,7 +178,10 @@ class _OpLog(TorchDispatchMode):
 
 @pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize(
-    "shape", [(37, 129, 67, 5), (70, 96, 80, 16), (520, 129, 67, 16)], ids=lambda s: "x".join(map(str, s))
+    "shape",
+    # (520, 2048, 64, 16): 256-row chunks of the widened bf16/fp16 and the ATen (fp64) loops, xa offset per chunk
+    [(37, 129, 67, 5), (70, 96, 80, 16), (520, 129, 67, 16), (520, 2048, 64, 16)],
+    ids=lambda s: "x".join(map(str, s)),
 )
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=[*DTYPE_IDS, "fp64"])
 def test_saved_xa_pair(variant, dtype, shape, p):
@@ -241,6 +244,19 @@ def test_autograd_keeps_xa_when_the_forward_computes_it(variant, dtype):
         assert torch.equal(y.detach(), torch.ops.lora_ext.lora_linear(x, w, bias, a, b, SCALE, p, seed, strategy))
         assert torch.equal(leaves[0].grad, want[0]) and torch.equal(leaves[1].grad, want[3])
         assert (leaves[2].grad is None) if not train_b else torch.equal(leaves[2].grad, want[4])
+    # no graph (torch.no_grad) keeps nothing: the plain forward, though lora_B is trainable
+    b_leaf = b.clone().requires_grad_(True)
+    with torch.no_grad(), _OpLog() as log:
+        y = torch.ops.lora_ext.lora_linear(x, w, bias, a, b_leaf, SCALE, 0.0, None, 1)
+    assert log.ops == ["lora_linear"] and torch.equal(
+        y, torch.ops.lora_ext.lora_linear(x, w, bias, a, b, SCALE, 0.0, None, 1)
+    )
+    # the ATen path (here: the "aten" variant) would pay an extra product for xa: the plain pair
+    _C().set_cpu_kernel("aten")
+    leaves = [x.clone().requires_grad_(True), a.clone().requires_grad_(True), b.clone().requires_grad_(True)]
+    with _OpLog() as log:
+        torch.ops.lora_ext.lora_linear(leaves[0], w, bias, leaves[1], leaves[2], SCALE, 0.0, None, 1).backward(g)
+    assert log.ops == ["lora_linear", "lora_linear_backward"], log.ops
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -472,11 +488,20 @@ def bf16_gemm(request):
     C.set_cpu_bf16_gemm(before)
 
 
+def _onednn_allows_amx() -> bool:
+    """Whether a oneDNN ISA cap in the environment (benchmarks' --cpu-isa avx2 sets one) leaves AMX."""
+    import os
+
+    caps = [os.environ.get(v, "").upper() for v in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")]
+    return all(not c or c == "ALL" or "AMX" in c for c in caps)
+
+
 def test_bf16_gemm_switch_reports_and_refuses():
     C = _C()
     before = C.cpu_bf16_gemm()["mode"]
     kernel, amx = C.cpu_kernel(), C.cpu_amx()["enabled"]
     try:
+        C.set_cpu_kernel("default")  # any fused variant (the run may have started on "aten")
         assert C.set_cpu_bf16_gemm("native") == {"mode": "native", "native": True}
         assert C.set_cpu_bf16_gemm("fp32") == {"mode": "fp32", "native": False}
         with pytest.raises(ValueError, match="'auto', 'native' or 'fp32', not 'amx'"):
@@ -488,12 +513,14 @@ def test_bf16_gemm_switch_reports_and_refuses():
             if not C.cpu_kernel_variants()[name]:
                 continue
             C.set_cpu_kernel(name)
-            want = name == "avx512" and C.cpu_amx()["enabled"] and torch.backends.mkldnn.enabled
+            want = (
+                name == "avx512" and C.cpu_amx()["enabled"] and torch.backends.mkldnn.enabled and _onednn_allows_amx()
+            )
             assert C.cpu_bf16_gemm() == {"mode": "auto", "native": want}, name
             if name == "aten":  # the ATen path never runs the fused kernels' native way
                 assert C.set_cpu_bf16_gemm("native")["native"] is False
                 C.set_cpu_bf16_gemm("auto")
-        if C.cpu_amx()["enabled"] and C.cpu_kernel_variants()["avx512"]:
+        if C.cpu_amx()["enabled"] and C.cpu_kernel_variants()["avx512"] and _onednn_allows_amx():
             C.set_cpu_kernel("avx512")
             C.set_cpu_amx(False)
             assert C.cpu_bf16_gemm()["native"] is False

@@ -32,17 +32,19 @@ namespace {
 using at::Tensor;
 using cpu::chunk_rows;
 
-// xa = drop(x) A^T in acc (the 0/1 mask without 1/(1-p)), for x rows row0.. of the op's input.
-Tensor lowrank_xa(const Tensor& x, const Tensor& A, const DropoutParams& d, int64_t row0) {
+// xa = drop(x) A^T in acc (the 0/1 mask without 1/(1-p)), for x rows row0.. of the op's input, in
+// row chunks of `rows`: the backward's chunks (chunk_rows(M, max(K, N))), so that each chunk is the
+// very GEMM the plain backward runs and lora_linear_backward_xa gives its bits.
+Tensor lowrank_xa(const Tensor& x, const Tensor& A, const DropoutParams& d, int64_t row0, int64_t rows) {
   const at::ScalarType acc = A.scalar_type();
   if (d.branch_zero()) return at::zeros({x.size(0), A.size(0)}, x.options().dtype(acc));
-  if (!d.on()) return at::mm(x.to(acc), A.t());
-  const int64_t M = x.size(0), rows = chunk_rows(M, x.size(1));
+  const int64_t M = x.size(0);
   Tensor xa = at::empty({M, A.size(0)}, x.options().dtype(acc));
   for (int64_t m0 = 0; m0 < M; m0 += rows) {
     const int64_t mc = std::min(rows, M - m0);
     Tensor xa_c = xa.narrow(0, m0, mc);
-    at::mm_out(xa_c, cpu::dropped(x.narrow(0, m0, mc), acc, row0 + m0, d), A.t());
+    const Tensor x_c = x.narrow(0, m0, mc);
+    at::mm_out(xa_c, d.on() ? cpu::dropped(x_c, acc, row0 + m0, d) : x_c.to(acc), A.t());
   }
   return xa;
 }
@@ -81,12 +83,11 @@ Tensor linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Ten
     } else {
       at::mm_out(y, x, W.t());
     }
-    if (xa_out != nullptr) {
-      *xa_out = lowrank_xa(x, A, drop, 0);
-      if (!merge) add_lowrank_from_xa(y, *xa_out, B, scale, drop);
-    } else if (!merge) {
-      cpu::add_lowrank_forward(y, x, A, B, scale, drop, 0);
-    }
+    if (!merge) cpu::add_lowrank_forward(y, x, A, B, scale, drop, 0);
+    // xa in the backward's row chunks (its GEMMs, its bits), separately from the forward's own
+    // x A^T above (one GEMM over all rows, whose bits MKL may give differently): on this path the
+    // kept xa costs the product it saves, but both ops keep the plain pair's bits.
+    if (xa_out != nullptr) *xa_out = lowrank_xa(x, A, drop, 0, chunk_rows(M, std::max(K, N)));
     return y;
   }
 
@@ -99,7 +100,7 @@ Tensor linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Ten
     const Tensor x_c = x.narrow(0, m0, mc).to(acc);
     Tensor out = has_bias ? at::addmm(bias_acc, x_c, W.t()) : at::mm(x_c, W.t());
     if (xa_out != nullptr) {
-      const Tensor xa_c = lowrank_xa(x_c, A, drop, m0);
+      const Tensor xa_c = lowrank_xa(x_c, A, drop, m0, mc);
       xa_out->narrow(0, m0, mc).copy_(xa_c);
       if (!merge) add_lowrank_from_xa(out, xa_c, B, scale, drop);
     } else if (!merge) {

@@ -191,7 +191,9 @@ int bf16_gemm_setting() {
     v = env != nullptr && *env != '\0' ? parse_bf16_gemm(env) : kBf16Auto;
     TORCH_CHECK_VALUE(v != kBf16Unread, "lora_ext: LORA_EXT_CPU_BF16_GEMM must be auto, native or fp32, not '", env,
                       "'");
-    g_bf16_gemm.store(v, std::memory_order_release);
+    // a set_bf16_gemm() that ran since the load wins over the environment
+    int unread = kBf16Unread;
+    if (!g_bf16_gemm.compare_exchange_strong(unread, v, std::memory_order_acq_rel)) v = unread;
   }
   return v;
 }
