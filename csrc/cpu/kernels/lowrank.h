@@ -172,7 +172,7 @@ void set_amx(bool on);
 // variant active (a forced avx2 or default variant behaves as on a CPU without AMX), torch's
 // oneDNN enabled (torch.backends.mkldnn.enabled) and ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA, if set,
 // naming an AMX ISA (or ALL). Without AMX (AVX512-BF16 alone, AVX-512, AVX2) torch's bf16 GEMM was
-// measured 1.7x to 300x slower than the fp32 one (docs/design.md). fp16 always takes the fp32 way.
+// measured 1.5x to 340x slower than the fp32 one (docs/design.md). fp16 always takes the fp32 way.
 bool bf16_gemm_native();
 // The mode set ("auto", "native" or "fp32").
 std::string bf16_gemm_mode();
