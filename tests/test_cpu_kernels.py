@@ -30,6 +30,8 @@ VARIANTS = ["default", "avx2", "avx512"]
 SCALE = 1.75
 # (M, K, N, r): odd sizes that miss every vector and tile, r = 1, 16, 128, the fallback 129, M = 1
 # (520, 129, 67, 16): three row steps of the fused kernels, split over the threads (partial sums reduced)
+# (45, 521, 67, 16), (33, 1031, 61, 8): shrink_t's k chunks (256 at r = 16, and 512 at r = 8 in the AVX-512
+# pair form), the last one odd
 SHAPES = [
     (37, 129, 67, 5),
     (37, 129, 67, 1),
@@ -38,6 +40,8 @@ SHAPES = [
     (19, 40, 30, 129),
     (1, 129, 67, 5),
     (520, 129, 67, 16),
+    (45, 521, 67, 16),
+    (33, 1031, 61, 8),
 ]
 STRATEGY_CODES = {"auto": 0, "shrink_expand": 1, "merge": 2}
 
@@ -180,7 +184,7 @@ class _OpLog(TorchDispatchMode):
 @pytest.mark.parametrize(
     "shape",
     # (520, 2048, 64, 16): 256-row chunks of the widened bf16/fp16 and the ATen (fp64) loops, xa offset per chunk
-    [(37, 129, 67, 5), (70, 96, 80, 16), (520, 129, 67, 16), (520, 2048, 64, 16)],
+    [(37, 129, 67, 5), (70, 96, 80, 16), (520, 129, 67, 16), (520, 2048, 64, 16), (33, 1031, 50, 8), (45, 521, 67, 16)],
     ids=lambda s: "x".join(map(str, s)),
 )
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=[*DTYPE_IDS, "fp64"])
@@ -212,6 +216,22 @@ def test_saved_xa_pair(variant, dtype, shape, p):
         assert torch.equal(got[4], 2 * want[4]) and all(torch.equal(u, v) for u, v in zip(got[:4], want[:4]))
         if p < 1.0:
             assert torch.count_nonzero(want[4]) > 0
+
+
+@pytest.mark.parametrize("shape", [(13, 129, 8), (13, 1031, 8), (13, 521, 16), (13, 40, 16)], ids=str)
+def test_xa_keeps_inf_and_nan(variant, shape):
+    """xa = x A^T with +-inf in x's last column (the padded end of an odd k chunk) and a NaN inside:
+    the rows hold +-inf and NaN exactly as float64 does, the other rows follow the rule."""
+    m, k, r = shape
+    x, w, a, b, bias = make_inputs(m, k, 24, r, torch.float32)
+    a = a.abs() + 0.01  # every product of a row of x with A has one sign
+    x[0, -1], x[1, -1], x[2, k // 2] = float("inf"), -float("inf"), float("nan")
+    for strategy in (1, 2):
+        _, xa = torch.ops.lora_ext.lora_linear_xa(x, w, bias, a, b, SCALE, 0.0, None, strategy)
+        ref = x.double() @ a.double().t()
+        assert torch.equal(xa[0], torch.full((r,), float("inf"))) and torch.equal(xa[1], -xa[0]), strategy
+        assert xa[2].isnan().all() and torch.isfinite(xa[3:]).all(), strategy
+        assert_rule("xa", xa[3:], ref[3:], x[3:] @ a.t(), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

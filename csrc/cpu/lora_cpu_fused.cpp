@@ -156,17 +156,16 @@ Tensor merged_fp32(const Kernels& kr, const Tensor& weight, const Tensor& A32, c
 }
 
 // Z [rows, r] = X P^T (P [r, K]) through shrink_t on PT = P^T [K, r] when given and r suits it
-// (r a multiple of the vector width: no horizontal sums), else through shrink on P.
+// (r a multiple of the vector width, or 8 with AVX-512: no horizontal sums), else through shrink on P.
 inline void shrink_any(const Kernels& kr, const float* X, int64_t ldx, int64_t rows, int64_t K, const float* P,
                        const float* PT, int64_t r, float* Z) {
   if (PT != nullptr && kr.shrink_t(X, ldx, rows, K, PT, r, Z, r)) return;
   kr.shrink(X, ldx, rows, K, P, K, r, Z, r);
 }
 
-// Whether shrink_t takes rank r (then the callers build P^T).
+// Whether shrink_t takes rank r (then the callers build P^T): asked of the kernel itself, with no rows.
 inline bool wants_shrink_t(const Kernels& kr, int64_t r) {
-  const int64_t nv = r / kr.lanes;
-  return r % kr.lanes == 0 && (nv <= 4 || nv == 6 || nv == 8);
+  return kr.shrink_t(nullptr, 0, 0, 0, nullptr, r, nullptr, 0);
 }
 
 // Q [r, L] packed for kr.merge when `rows` rows will be expanded against it (empty: expand from Q).

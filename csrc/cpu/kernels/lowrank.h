@@ -55,8 +55,10 @@ struct Kernels {
                  const Drop* drop);
 
   // The same Z with the factor transposed, PT = P^T [K, r] (row stride r), for r a multiple of
-  // `lanes` up to 8 vectors (1, 2, 3, 4, 6 or 8 of them); returns false (nothing written) for
-  // any other r. No horizontal sums: each Z[m, j] is one FMA chain over k = 0 .. K-1.
+  // `lanes` up to 8 vectors (1, 2, 3, 4, 6 or 8 of them), and r = 8 with 16 lanes; returns false
+  // (nothing written) for any other r. rows = 0 writes nothing and answers whether r is taken. No horizontal sums: each
+  // Z[m, j] is summed over k in an order set by k, K and r alone (chunks of k, each one or two interleaved FMA chains),
+  // the same for every row.
   bool (*shrink_t)(const float* X, int64_t ldx, int64_t rows, int64_t K, const float* PT, int64_t r, float* Z,
                    int64_t ldz);
 

@@ -111,6 +111,100 @@ struct V {
 
 #include "lowrank_impl.h"
 
+// ---------------------------------------------------------------- shrink_t at r = 8 (half a vector)
+//
+// r = 8 is half of the 16 lanes, so the generic shrink_t does not take it and the dot-product
+// shrink (horizontal sums) was the path: r = 8 ran slower than r = 16. Here each vector holds
+// two k at once: lane 2j + c accumulates X[m, k + c] * PT[k + c, j], fed by one 64-bit broadcast
+// of the pair X[m, k], X[m, k + 1] against a pair-interleaved copy of PT's rows k and k + 1
+// (made per chunk of kPairChunk k in a 16 KiB buffer on the stack), and lanes 2j, 2j + 1 are
+// added at each chunk's end. As in shrink_t, the pairs alternate between C = 2 chains, the
+// partial sums are parked in Z between chunks, and the order of the sums depends on k and K
+// alone, the same for every row. An odd chunk length pads its last pair with zero factors and
+// broadcasts only X[m, K - 1] (its other lanes zero, so an inf in X is not multiplied by 0).
+
+constexpr int64_t kPairChunk = 512;  // k per chunk: 512 x 8 floats of PT
+
+// buf[t * 16 + 2j + c] = PT[(2t + c) * 8 + j] for 2t + c < n, zero past n.
+inline void interleave_pairs(const float* PT, int64_t n, float* buf) {
+  const __m512i idx = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  int64_t t = 0;
+  for (; 2 * t + 2 <= n; ++t) _mm512_storeu_ps(buf + t * 16, _mm512_permutexvar_ps(idx, _mm512_loadu_ps(PT + t * 16)));
+  if (2 * t < n) {
+    const __m512 lo = _mm512_castps256_ps512(_mm256_loadu_ps(PT + t * 16));
+    _mm512_storeu_ps(buf + t * 16, _mm512_permutexvar_ps(idx, _mm512_insertf32x8(lo, _mm256_setzero_ps(), 1)));
+  }
+}
+
+template <int R>
+LORA_EXT_BLOCK void shrink_t_pair_blk(const float* X, int64_t ldx, int64_t n, const float* buf, bool first, float* Z,
+                                      int64_t ldz) {
+  constexpr int C = 2;
+  __m512 acc[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int i = 0; i < R; ++i)
+      acc[c][i] = c == 0 && !first ? _mm512_maskz_expandloadu_ps(0x5555, Z + i * ldz) : _mm512_setzero_ps();
+  const int64_t np = n / 2;  // whole pairs
+  int64_t t = 0;
+  for (; t + C <= np; t += C) {
+    for (int c = 0; c < C; ++c) {
+      const __m512 p = _mm512_loadu_ps(buf + (t + c) * 16);
+      for (int i = 0; i < R; ++i) {
+        double xx;
+        std::memcpy(&xx, X + i * ldx + 2 * (t + c), sizeof(xx));
+        acc[c][i] = _mm512_fmadd_ps(_mm512_castpd_ps(_mm512_set1_pd(xx)), p, acc[c][i]);
+      }
+    }
+  }
+  for (; t < np; ++t) {
+    const __m512 p = _mm512_loadu_ps(buf + t * 16);
+    for (int i = 0; i < R; ++i) {
+      double xx;
+      std::memcpy(&xx, X + i * ldx + 2 * t, sizeof(xx));
+      acc[0][i] = _mm512_fmadd_ps(_mm512_castpd_ps(_mm512_set1_pd(xx)), p, acc[0][i]);
+    }
+  }
+  if (n % 2 != 0) {
+    const __m512 p = _mm512_loadu_ps(buf + np * 16);
+    for (int i = 0; i < R; ++i) {
+      const __m512 xb = _mm512_maskz_mov_ps(0x5555, _mm512_set1_ps(X[i * ldx + n - 1]));
+      acc[0][i] = _mm512_fmadd_ps(xb, p, acc[0][i]);
+    }
+  }
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
+  for (int i = 0; i < R; ++i) {
+    const __m512 a = _mm512_add_ps(acc[0][i], acc[1][i]);
+    const __m512 sum = _mm512_add_ps(a, _mm512_permute_ps(a, 0xB1));  // lane 2j: lanes 2j + 2j+1
+    _mm256_storeu_ps(Z + i * ldz, _mm512_castps512_ps256(_mm512_permutexvar_ps(even, sum)));
+  }
+}
+
+void shrink_t_pair(const float* X, int64_t ldx, int64_t rows, int64_t K, const float* PT, float* Z, int64_t ldz) {
+  if (K <= 0) {
+    for (int64_t m = 0; m < rows; ++m) std::memset(Z + m * ldz, 0, 8 * sizeof(float));
+    return;
+  }
+  alignas(64) float buf[kPairChunk * 8];
+  for (int64_t k0 = 0; k0 < K; k0 += kPairChunk) {
+    const int64_t n = K - k0 < kPairChunk ? K - k0 : kPairChunk;
+    interleave_pairs(PT + k0 * 8, n, buf);
+    const float* x = X + k0;
+    const bool first = k0 == 0;
+    int64_t m = 0;
+    for (; m + 8 <= rows; m += 8) shrink_t_pair_blk<8>(x + m * ldx, ldx, n, buf, first, Z + m * ldz, ldz);
+    if (m + 4 <= rows) shrink_t_pair_blk<4>(x + m * ldx, ldx, n, buf, first, Z + m * ldz, ldz), m += 4;
+    if (m + 2 <= rows) shrink_t_pair_blk<2>(x + m * ldx, ldx, n, buf, first, Z + m * ldz, ldz), m += 2;
+    for (; m < rows; ++m) shrink_t_pair_blk<1>(x + m * ldx, ldx, n, buf, first, Z + m * ldz, ldz);
+  }
+}
+
+// The table's shrink_t: r = 8 through the pair form, the multiples of 16 through the generic one.
+bool shrink_t_any(const float* X, int64_t ldx, int64_t rows, int64_t K, const float* PT, int64_t r, float* Z,
+                  int64_t ldz) {
+  if (r == 8) return shrink_t_pair(X, ldx, rows, K, PT, Z, ldz), true;
+  return shrink_t(X, ldx, rows, K, PT, r, Z, ldz);
+}
+
 // ---------------------------------------------------------------- bf16 merge on AVX512-BF16
 //
 // merge_blk's tiling (R rows x 3 vectors, the packed panel of a column tile kept in L1, the
@@ -370,7 +464,7 @@ const Kernels& kernels_avx512() {
                          &stage,
                          &shrink,
                          &expand,
-                         &shrink_t,
+                         &shrink_t_any,
                          &outer,
                          &colsum,
                          &merge_pack,
