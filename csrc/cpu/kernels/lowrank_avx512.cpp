@@ -114,7 +114,8 @@ struct V {
 // ---------------------------------------------------------------- shrink_t at r = 8 (half a vector)
 //
 // r = 8 is half of the 16 lanes, so the generic shrink_t does not take it and the dot-product
-// shrink (horizontal sums) was the path: r = 8 ran slower than r = 16. Here each vector holds
+// shrink (horizontal sums, half shrink_t's rate) was the path: in the op r = 8 cost 0.98-1.08x
+// r = 16's time for half the low-rank work. Here each vector holds
 // two k at once: lane 2j + c accumulates X[m, k + c] * PT[k + c, j], fed by one 64-bit broadcast
 // of the pair X[m, k], X[m, k + 1] against a pair-interleaved copy of PT's rows k and k + 1
 // (made per chunk of kPairChunk k in a 16 KiB buffer on the stack), and lanes 2j, 2j + 1 are

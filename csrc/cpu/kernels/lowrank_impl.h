@@ -219,7 +219,8 @@ void shrink(const float* X, int64_t ldx, int64_t rows, int64_t K, const float* P
 // into C = 2 interleaved chains (even and odd k of the chunk) added at the chunk's end. The order
 // of the sums depends on k, K and r only, the same for every row wherever it falls in a block, so
 // the blocking does not change the bits. (r = 16, K = 1024, 32-row steps, one AVX-512 thread:
-// 3.1 -> 4.2 G vector FMAs/s in L2, 2.8 -> 3.5 from memory.)
+// 3.1 -> 3.7 G vector FMAs/s in L2, 2.85 -> 3.3 from memory; the software prefetch of the next
+// rows this loop had measured no gain and is gone.)
 
 constexpr int kAccRegs = W >= 16 ? 24 : 12;    // accumulators a block may hold (32 / 16 vector registers)
 constexpr int64_t kShrinkTChunkFloats = 4096;  // 16 KiB of PT per k chunk
